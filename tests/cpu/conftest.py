@@ -1,0 +1,22 @@
+"""CPU test session: a loadable libcuda and a simulated H100 before vLLM loads.
+
+Every test here runs in a forked child (pytest-forked), so patches, dynamo
+state and registered patterns never leak from one test into the next.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from tests.cpu.fake_platform import install_fake_cuda_platform, load_libcuda
+
+load_libcuda()
+install_fake_cuda_platform((9, 0))
+
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.is_relative_to(_HERE):
+            item.add_marker(pytest.mark.forked)

@@ -1,0 +1,1 @@
+"""Inductor post-grad fusion passes, one module per fusion, named like vLLM's."""

@@ -1,0 +1,97 @@
+"""SiLU-and-Mul followed by FP8 quantization -> one fused kernel.
+
+Matches ``SiluAndMul`` as vLLM's custom op or in native torch, followed by
+``QuantFP8`` (custom or native): static per-tensor, dynamic per-token (which
+vLLM 0.26 has no fused kernel for) and dynamic per-group (64/128).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch._inductor.pattern_matcher as pm
+from vllm.compilation.passes.fusion.matcher_utils import MatcherSiluAndMul
+from vllm.config import VllmConfig
+
+from vllm_fusion.config import FusionSettings
+from vllm_fusion.passes.base import FusionPass, FusionPattern
+from vllm_fusion.passes.quant_schemes import (
+    FP8_SCHEMES,
+    FP8Scheme,
+    fake_value,
+    last_dim_contiguous,
+)
+
+_OPS = torch.ops.vllm_fusion
+
+# Pattern example shape: [tokens, 2 * d] with d a multiple of every group size.
+_TOKENS, _WIDTH = 5, 512
+
+
+class SiluMulQuantPattern(FusionPattern):
+    def __init__(self, scheme: FP8Scheme, dtype: torch.dtype):
+        self.scheme = scheme
+        self.dtype = dtype
+        self.silu_mul = MatcherSiluAndMul()
+        self.quant = scheme.matcher()
+
+    def describe(self) -> str:
+        return f"silu_and_mul+{self.scheme}"
+
+    def extra_check(self, match: pm.Match) -> bool:
+        x = fake_value(match, "x")
+        return (
+            x is not None
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and last_dim_contiguous(x)
+            and x.shape[-1] % 2 == 0
+            and self.scheme.hidden_ok(x.shape[-1] // 2)
+        )
+
+    def get_inputs(self) -> list[torch.Tensor]:
+        inputs = [torch.empty(_TOKENS, _WIDTH, dtype=self.dtype, device="cuda")]
+        if self.scheme.static:
+            inputs.append(torch.empty(1, 1, dtype=torch.float32, device="cuda"))
+        return inputs
+
+    @property
+    def pattern(self):
+        quantize = functools.partial(self.scheme.quantize, self.quant)
+        if self.scheme.static:
+            def pattern(x, scale):
+                return quantize(self.silu_mul(x), scale)[0]
+        else:
+            def pattern(x):
+                return quantize(self.silu_mul(x))
+        return pattern
+
+    @property
+    def replacement(self):
+        scheme = self.scheme
+        if scheme.static:
+            def replacement(x, scale):
+                return _OPS.silu_and_mul_static_fp8_quant(x, scale)
+        else:
+            group, col, e8m0 = scheme.op_args(self.quant)
+            outputs = functools.partial(scheme.fused_outputs, self.quant)
+
+            def replacement(x):
+                return outputs(*_OPS.silu_and_mul_dynamic_fp8_quant(x, group, col, e8m0, None))
+        return replacement
+
+
+class ActivationQuantFusionPass(FusionPass):
+    """``fuse_act_quant``: SiLU*Mul + FP8 quant -> one kernel."""
+
+    flag = "fuse_act_quant"
+    name = "activation_quant_fusion_pass"
+
+    def __init__(self, config: VllmConfig, settings: FusionSettings):
+        super().__init__(config, settings)
+        dtype = self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else (
+            torch.bfloat16
+        )
+        for scheme in FP8_SCHEMES:
+            self.register(SiluMulQuantPattern(scheme, dtype))
+        self.dump_patterns(config, self.pm_pass)

@@ -1,0 +1,90 @@
+"""Base classes of the package's passes.
+
+``FusionPass`` is vLLM's pattern-matcher pass (match counting, ``match_table``,
+graph dumps, timing) with two additions: patterns may carry an ``extra_check``
+(the kernel's shape and dtype limits), and ``uuid()`` changes with the package
+version, the kernel library and the resolved settings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._inductor.pattern_matcher as pm
+from vllm.compilation.passes.inductor_pass import InductorPass, enable_fake_mode
+from vllm.compilation.passes.vllm_inductor_pass import (
+    VllmFusionPatternMatcherPass,
+    VllmInductorPass,
+    VllmPatternMatcherPass,
+    VllmPatternReplacement,
+)
+from vllm.config import VllmConfig
+
+from vllm_fusion import _kernels
+from vllm_fusion.config import FusionSettings
+from vllm_fusion.logger import init_logger
+from vllm_fusion.version import __version__
+
+logger = init_logger(__name__)
+
+
+def package_fingerprint() -> dict[str, str]:
+    """What identifies this build of the package in every cache key."""
+    return {"version": __version__, "kernels": _kernels.load().library_hash}
+
+
+class FusionPattern(VllmPatternReplacement):
+    """A pattern/replacement pair; ``extra_check`` vetoes matches the kernel can't take."""
+
+    def extra_check(self, match: pm.Match) -> bool:
+        return True
+
+    def describe(self) -> str:
+        """Stable text naming the pattern's parameters, for the pass uuid."""
+        return type(self).__name__
+
+
+class FusionPass(VllmFusionPatternMatcherPass):
+    """A fusion of this package, built by the pass-manager hook."""
+
+    # vLLM's PassConfig flag this pass serves, and the log/match-table name.
+    flag: str = ""
+    name: str = ""
+
+    def __init__(self, config: VllmConfig, settings: FusionSettings):
+        super().__init__(config, self.name)
+        self.settings = settings
+        self.matched_count = 0
+
+    @enable_fake_mode
+    def register(self, pr: FusionPattern) -> None:
+        pm.register_replacement(
+            pr.pattern,
+            pr.replacement,
+            pr.get_inputs(),
+            self._trace_fn,
+            self.pm_pass,
+            extra_check=pr.extra_check,
+            # Native and custom variants of some schemes trace to one graph.
+            skip_duplicates=True,
+        )
+        self._pattern_replacements.append(pr)
+
+    @VllmInductorPass.time_and_log
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.matched_count = self.pm_pass.apply(graph)
+        VllmPatternMatcherPass.match_table[self.pass_name] += self.matched_count
+        logger.debug("%s: Replaced %s patterns", self.pass_name, self.matched_count)
+
+    def _pattern_types(self) -> list[type]:
+        types = {type(pr) for pr in self._pattern_replacements}
+        return sorted(types, key=lambda t: t.__qualname__)
+
+    def uuid(self) -> str:
+        return InductorPass.hash_dict(
+            {
+                "pass": InductorPass.hash_source(self, *self._pattern_types()),
+                "patterns": sorted(pr.describe() for pr in self._pattern_replacements),
+                "package": package_fingerprint(),
+                "settings": self.settings.to_dict(),
+            }
+        )

@@ -1,0 +1,177 @@
+"""Hooks into vLLM's compilation: the post-grad pass list and the cache key.
+
+``PostGradPassManager.configure`` is wrapped so that, after vLLM has built its
+pass list, each fusion the package implements replaces vLLM's instance (or is
+inserted at vLLM's position for it). The wrap is applied when vLLM imports its
+pass-manager module, so processes that never compile import nothing extra.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import sys
+
+from vllm_fusion import _kernels
+from vllm_fusion.config import FusionConfigError, FusionSettings, resolve
+from vllm_fusion.logger import init_logger
+from vllm_fusion.passes.registry import FUSIONS, Fusion
+from vllm_fusion.version import __version__
+
+logger = init_logger(__name__)
+
+PASS_MANAGER_MODULE = "vllm.compilation.passes.pass_manager"
+_WRAPPED = "__vllm_fusion_wrapped__"
+
+# vLLM pass class name -> position of its fusion in vLLM's order.
+_RANK = {name: rank for rank, f in enumerate(FUSIONS) for name in f.vllm_passes}
+
+
+def _insert_position(passes: list, fusion: Fusion) -> int:
+    """Index right after the last pass of a fusion vLLM runs before ``fusion``."""
+    rank = FUSIONS.index(fusion)
+    position = 0
+    for i, p in enumerate(passes):
+        name = type(p).__name__
+        if name == "NoOpEliminationPass" or _RANK.get(name, len(FUSIONS)) < rank:
+            position = i + 1
+    return position
+
+
+def place_pass(passes: list, fusion: Fusion, new_pass) -> list:
+    """``passes`` with vLLM's passes for ``fusion`` replaced by ``new_pass``."""
+    theirs = [i for i, p in enumerate(passes) if type(p).__name__ in fusion.vllm_passes]
+    if theirs:
+        kept = [p for i, p in enumerate(passes) if i not in theirs[1:]]
+        kept[theirs[0]] = new_pass
+        return kept
+    position = _insert_position(passes, fusion)
+    return passes[:position] + [new_pass] + passes[position:]
+
+
+def _build_pass(fusion: Fusion, config, settings: FusionSettings):
+    """The package's pass for ``fusion``, or None (with the reason logged)."""
+    if fusion.needs_kernels and not _kernels.load().loaded:
+        logger.warning_once(
+            "vllm_fusion: %s keeps vLLM's pass: %s", fusion.flag, _kernels.load().reason
+        )
+        return None
+    try:
+        return fusion.load_pass_class()(config, settings)
+    except Exception as e:  # a broken pass must never stop vLLM
+        logger.warning(
+            "vllm_fusion: %s could not be set up (%s: %s); keeping vLLM's pass",
+            fusion.flag, type(e).__name__, e,
+        )
+        return None
+
+
+def rebuild_pass_list(manager, config) -> None:
+    """Swap in the package's passes on a configured ``PostGradPassManager``."""
+    from vllm.config import set_current_vllm_config
+
+    settings = resolve(config)
+    if not settings.enabled:
+        return
+    passes = list(manager.passes)
+    with set_current_vllm_config(config, check_compile=False):
+        for fusion in FUSIONS:
+            if fusion.package_pass is None or not settings.fusions.get(fusion.flag):
+                continue
+            new_pass = _build_pass(fusion, config, settings)
+            if new_pass is not None:
+                passes = place_pass(passes, fusion, new_pass)
+    manager.passes = passes
+    logger.debug(
+        "vllm_fusion: post-grad passes: %s", ", ".join(type(p).__name__ for p in passes)
+    )
+
+
+def _wrap_configure(manager_cls) -> None:
+    original = manager_cls.configure
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def configure(self, config) -> None:
+        original(self, config)
+        try:
+            rebuild_pass_list(self, config)
+        except FusionConfigError:
+            raise
+        except Exception as e:
+            logger.warning(
+                "vllm_fusion: could not install its passes (%s: %s); "
+                "compiling with vLLM's passes only", type(e).__name__, e,
+            )
+
+    setattr(configure, _WRAPPED, True)
+    manager_cls.configure = configure
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs ``_wrap_configure`` right after vLLM's pass-manager module executes."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != PASS_MANAGER_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        _wrap_configure(module.PostGradPassManager)
+
+
+def install_pass_manager_hook() -> None:
+    module = sys.modules.get(PASS_MANAGER_MODULE)
+    if module is not None:
+        _wrap_configure(module.PostGradPassManager)
+    elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())
+
+
+def is_pass_manager_hooked() -> bool:
+    module = sys.modules.get(PASS_MANAGER_MODULE)
+    if module is None:
+        return any(isinstance(f, _PatchAfterImport) for f in sys.meta_path)
+    return getattr(module.PostGradPassManager.configure, _WRAPPED, False)
+
+
+def _current_settings_digest() -> str:
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return resolve(config).digest() if config is not None else "no-config"
+
+
+def install_compile_factors_hook() -> None:
+    """Fold the package into vLLM's compile-cache key.
+
+    vLLM's key does not include pass uuids: on a cache hit no pass runs, so a
+    changed package would otherwise silently reuse graphs compiled by an older one.
+    """
+    import vllm.envs as envs
+
+    original = envs.compile_factors
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def compile_factors() -> dict[str, object]:
+        factors = original()
+        factors["VLLM_FUSION_VERSION"] = __version__
+        factors["VLLM_FUSION_KERNELS"] = _kernels.load().library_hash
+        factors["VLLM_FUSION_SETTINGS"] = _current_settings_digest()
+        return factors
+
+    setattr(compile_factors, _WRAPPED, True)
+    envs.compile_factors = compile_factors

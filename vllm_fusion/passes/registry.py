@@ -1,0 +1,59 @@
+"""The fusions this package owns, in the order vLLM 0.26 runs them.
+
+Each entry names vLLM's PassConfig flag, the class names vLLM uses for that
+fusion (matched by name: some are only importable on some platforms), and the
+package's own pass, once it has one. A fusion without a package pass is left
+to vLLM's implementation.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fusion:
+    flag: str
+    # vLLM's passes for this fusion; the package's pass replaces all of them.
+    vllm_passes: tuple[str, ...]
+    # "module:Class" of the package's pass, None while vLLM's is used.
+    package_pass: str | None = None
+    # Whether the package pass needs torch.ops.vllm_fusion kernels.
+    needs_kernels: bool = True
+
+    def load_pass_class(self) -> type:
+        assert self.package_pass is not None
+        module, _, name = self.package_pass.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# Order of PostGradPassManager.configure in vLLM 0.26.
+FUSIONS: tuple[Fusion, ...] = (
+    Fusion("enable_sp", ("SequenceParallelismPass",)),
+    Fusion("fuse_gemm_comms", ("AsyncTPPass",)),
+    Fusion("fuse_act_padding", ("RocmAiterTritonAddRMSNormPadFusionPass",)),
+    Fusion("fuse_allreduce_rms", ("AllReduceFusionPass", "RocmAiterAllReduceFusionPass")),
+    Fusion(
+        "fuse_norm_quant",
+        ("RocmAiterRMSNormQuantFusionPass", "RMSNormQuantFusionPass"),
+        "vllm_fusion.passes.rms_quant_fusion:RMSNormQuantFusionPass",
+    ),
+    Fusion(
+        "fuse_act_quant",
+        ("ActivationQuantFusionPass", "RocmAiterSiluMulFp8GroupQuantFusionPass"),
+        "vllm_fusion.passes.act_quant_fusion:ActivationQuantFusionPass",
+    ),
+    Fusion("fuse_rope_kvcache", ("RopeKVCacheFusionPass",)),
+    Fusion("fuse_attn_quant", ("AttnQuantFusionPass",)),
+    Fusion("enable_qk_norm_rope_fusion", ("QKNormRoPEFusionPass",)),
+)
+
+FUSION_FLAGS: tuple[str, ...] = tuple(f.flag for f in FUSIONS)
+
+
+def by_flag(flag: str) -> Fusion:
+    for fusion in FUSIONS:
+        if fusion.flag == flag:
+            return fusion
+    raise KeyError(f"unknown fusion {flag!r}; known: {', '.join(FUSION_FLAGS)}")
