@@ -20,3 +20,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.is_relative_to(_HERE):
             item.add_marker(pytest.mark.forked)
+
+
+@pytest.fixture
+def kernels():
+    """The compiled ops; required where VLLM_FUSION_REQUIRE_KERNELS=1 (CI)."""
+    import os
+
+    from vllm_fusion import _kernels
+
+    status = _kernels.load()
+    if not status.loaded:
+        if os.environ.get("VLLM_FUSION_REQUIRE_KERNELS") == "1":
+            pytest.fail(f"VLLM_FUSION_REQUIRE_KERNELS=1 but {status.describe()}")
+        pytest.skip(status.describe())
+    return status

@@ -37,7 +37,7 @@ class QuantizedDecoderStack(torch.nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, eps: float,
-                 scheme: str, num_layers: int = 2):
+                 scheme: str, num_layers: int = 2, norm_dtype: torch.dtype | None = None):
         super().__init__()
         from vllm.model_executor.layers.activation import SiluAndMul
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -47,7 +47,7 @@ class QuantizedDecoderStack(torch.nn.Module):
         self.num_layers = num_layers
         # vLLM's fusions skip norms whose weight dtype differs from the input's.
         self.norms = torch.nn.ModuleList(
-            RMSNorm(hidden, eps=eps, dtype=dtype) for _ in range(2 * num_layers + 1)
+            RMSNorm(hidden, eps=eps, dtype=norm_dtype or dtype) for _ in range(2 * num_layers + 1)
         )
         self.quant = make_quant(scheme)
         self.act = SiluAndMul()

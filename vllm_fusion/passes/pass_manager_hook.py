@@ -8,6 +8,7 @@ pass-manager module, so processes that never compile import nothing extra.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
@@ -67,24 +68,57 @@ def _build_pass(fusion: Fusion, config, settings: FusionSettings):
         return None
 
 
-def rebuild_pass_list(manager, config) -> None:
-    """Swap in the package's passes on a configured ``PostGradPassManager``."""
+def build_package_passes(config) -> dict[Fusion, object]:
+    """The package's pass for every fusion it implements and the settings enable."""
     from vllm.config import set_current_vllm_config
 
     settings = resolve(config)
     if not settings.enabled:
-        return
-    passes = list(manager.passes)
+        return {}
+    built = {}
     with set_current_vllm_config(config, check_compile=False):
         for fusion in FUSIONS:
             if fusion.package_pass is None or not settings.fusions.get(fusion.flag):
                 continue
             new_pass = _build_pass(fusion, config, settings)
             if new_pass is not None:
-                passes = place_pass(passes, fusion, new_pass)
-    manager.passes = passes
+                built[fusion] = new_pass
+    return built
+
+
+@contextlib.contextmanager
+def flags_turned_off(pass_config, flags: list[str]):
+    """vLLM skips building its own pass for these flags (it would be discarded)."""
+    saved = {flag: getattr(pass_config, flag) for flag in flags}
+    try:
+        for flag in flags:
+            setattr(pass_config, flag, False)
+        yield
+    finally:
+        for flag, value in saved.items():
+            setattr(pass_config, flag, value)
+
+
+def configure_with_package_passes(original, manager, config) -> None:
+    """``PostGradPassManager.configure`` with the package's passes swapped in."""
+    try:
+        ours = build_package_passes(config)
+    except FusionConfigError:
+        raise
+    except Exception as e:  # never stop vLLM: compile with its passes only
+        logger.warning(
+            "vllm_fusion: could not set up its passes (%s: %s); compiling with vLLM's "
+            "passes only", type(e).__name__, e,
+        )
+        ours = {}
+    pass_config = config.compilation_config.pass_config
+    with flags_turned_off(pass_config, [fusion.flag for fusion in ours]):
+        original(manager, config)
+    for fusion, new_pass in ours.items():
+        manager.passes = place_pass(manager.passes, fusion, new_pass)
     logger.debug(
-        "vllm_fusion: post-grad passes: %s", ", ".join(type(p).__name__ for p in passes)
+        "vllm_fusion: post-grad passes: %s",
+        ", ".join(f"{type(p).__module__.split('.')[0]}:{type(p).__name__}" for p in manager.passes),
     )
 
 
@@ -95,16 +129,7 @@ def _wrap_configure(manager_cls) -> None:
 
     @functools.wraps(original)
     def configure(self, config) -> None:
-        original(self, config)
-        try:
-            rebuild_pass_list(self, config)
-        except FusionConfigError:
-            raise
-        except Exception as e:
-            logger.warning(
-                "vllm_fusion: could not install its passes (%s: %s); "
-                "compiling with vLLM's passes only", type(e).__name__, e,
-            )
+        configure_with_package_passes(original, self, config)
 
     setattr(configure, _WRAPPED, True)
     manager_cls.configure = configure
