@@ -13,7 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_fusion.logger import init_logger
+from vllm_fusion.matrix import load_matrix, platform_id
 from vllm_fusion.passes.registry import FUSION_FLAGS
+
+logger = init_logger(__name__)
 
 ADDITIONAL_CONFIG_KEY = "vllm_fusion"
 
@@ -67,9 +71,17 @@ class FusionSettings:
     enabled: bool
     # fusion flag -> whether it runs in this process's compile
     fusions: dict[str, bool] = field(default_factory=dict)
+    platform: str = "unknown"
+    # fusion flag -> (min, max) num_tokens where its kernel runs, from the matrix
+    token_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "fusions": dict(sorted(self.fusions.items()))}
+        return {
+            "enabled": self.enabled,
+            "fusions": dict(sorted(self.fusions.items())),
+            "platform": self.platform,
+            "token_ranges": {k: list(v) for k, v in sorted(self.token_ranges.items())},
+        }
 
     def digest(self) -> str:
         encoded = json.dumps(self.to_dict(), sort_keys=True).encode()
@@ -77,8 +89,53 @@ class FusionSettings:
 
 
 def resolve(vllm_config) -> FusionSettings:
-    """Settings for ``vllm_config``: vLLM's resolved flags plus the user's options."""
+    """Settings for ``vllm_config`` on this process's platform.
+
+    A fusion runs when vLLM's flag says so: the user's explicit value, or the
+    package's level default (``autoconfig``) where the user left it unset. A
+    flag set on a platform the matrix rules out is turned off with a warning.
+    """
     options = parse_options(vllm_config.additional_config)
     pass_config = vllm_config.compilation_config.pass_config
-    fusions = {flag: bool(getattr(pass_config, flag, False)) for flag in FUSION_FLAGS}
-    return FusionSettings(enabled=options["enabled"], fusions=fusions)
+    matrix = load_matrix()
+    platform = platform_id()
+    fusions: dict[str, bool] = {}
+    token_ranges: dict[str, tuple[int, int]] = {}
+    for flag in FUSION_FLAGS:
+        on = bool(getattr(pass_config, flag, False))
+        capability = matrix.get(flag)
+        if capability is not None:
+            if on and not capability.supported_on(platform):
+                logger.warning_once(
+                    "vllm_fusion: %s is turned off on %s: %s", flag, platform,
+                    capability.unsupported,
+                )
+                on = False
+            tokens = capability.token_range(platform)
+            if tokens is not None:
+                token_ranges[flag] = (tokens.min, tokens.max)
+        fusions[flag] = on
+    return FusionSettings(options["enabled"], fusions, platform, token_ranges)
+
+
+def autoconfig(flag: str):
+    """vLLM optimization-level default for ``flag``: the matrix decides.
+
+    Installed into vLLM's ``OPTIMIZATION_LEVEL_TO_CONFIG``; vLLM calls it only
+    when the user left the flag unset, so an explicit value always wins.
+    """
+
+    def default(vllm_config) -> bool:
+        from vllm_fusion import _kernels
+
+        capability = load_matrix()[flag]
+        return (
+            int(vllm_config.optimization_level) >= capability.level
+            and capability.supported_on(platform_id())
+            # Without the kernels vLLM's own pass would run instead.
+            and _kernels.load().loaded
+            and parse_options(vllm_config.additional_config)["enabled"]
+        )
+
+    default.__qualname__ = f"vllm_fusion_autoconfig_{flag}"
+    return default

@@ -55,6 +55,11 @@ class FusionPass(VllmFusionPatternMatcherPass):
         self.settings = settings
         self.matched_count = 0
 
+    def is_applicable_for_range(self, compile_range) -> bool:
+        """Only where the matrix says the kernel beats the unfused graph."""
+        tokens = self.settings.token_ranges.get(self.flag)
+        return tokens is None or tokens[0] <= compile_range.start and compile_range.end <= tokens[1]
+
     @enable_fake_mode
     def register(self, pr: FusionPattern) -> None:
         pm.register_replacement(

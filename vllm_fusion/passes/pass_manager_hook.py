@@ -15,7 +15,7 @@ import importlib.machinery
 import sys
 
 from vllm_fusion import _kernels
-from vllm_fusion.config import FusionConfigError, FusionSettings, resolve
+from vllm_fusion.config import FusionSettings, autoconfig, resolve
 from vllm_fusion.logger import init_logger
 from vllm_fusion.passes.registry import FUSIONS, Fusion
 from vllm_fusion.version import __version__
@@ -68,11 +68,10 @@ def _build_pass(fusion: Fusion, config, settings: FusionSettings):
         return None
 
 
-def build_package_passes(config) -> dict[Fusion, object]:
+def build_package_passes(config, settings: FusionSettings) -> dict[Fusion, object]:
     """The package's pass for every fusion it implements and the settings enable."""
     from vllm.config import set_current_vllm_config
 
-    settings = resolve(config)
     if not settings.enabled:
         return {}
     built = {}
@@ -101,10 +100,9 @@ def flags_turned_off(pass_config, flags: list[str]):
 
 def configure_with_package_passes(original, manager, config) -> None:
     """``PostGradPassManager.configure`` with the package's passes swapped in."""
+    settings = resolve(config)  # a bad configuration stops vLLM here, by design
     try:
-        ours = build_package_passes(config)
-    except FusionConfigError:
-        raise
+        ours = build_package_passes(config, settings)
     except Exception as e:  # never stop vLLM: compile with its passes only
         logger.warning(
             "vllm_fusion: could not set up its passes (%s: %s); compiling with vLLM's "
@@ -112,7 +110,10 @@ def configure_with_package_passes(original, manager, config) -> None:
         )
         ours = {}
     pass_config = config.compilation_config.pass_config
-    with flags_turned_off(pass_config, [fusion.flag for fusion in ours]):
+    # vLLM builds no pass for a fusion the package replaces or the matrix rules out.
+    vetoed = [flag for flag, on in settings.fusions.items()
+              if getattr(pass_config, flag, False) and not on]
+    with flags_turned_off(pass_config, [fusion.flag for fusion in ours] + vetoed):
         original(manager, config)
     for fusion, new_pass in ours.items():
         manager.passes = place_pass(manager.passes, fusion, new_pass)
@@ -169,6 +170,20 @@ def is_pass_manager_hooked() -> bool:
     if module is None:
         return any(isinstance(f, _PatchAfterImport) for f in sys.meta_path)
     return getattr(module.PostGradPassManager.configure, _WRAPPED, False)
+
+
+def install_level_defaults() -> None:
+    """Make the matrix vLLM's -O1..-O3 default for the fusions the package implements."""
+    from vllm.config import vllm as vllm_config_module
+
+    from vllm_fusion.matrix import load_matrix
+
+    implemented = {f.flag for f in FUSIONS if f.package_pass is not None}
+    for level, defaults in vllm_config_module.OPTIMIZATION_LEVEL_TO_CONFIG.items():
+        pass_defaults = defaults.get("compilation_config", {}).get("pass_config", {})
+        for flag in sorted(implemented & set(load_matrix())):
+            if int(level) > 0 and flag in pass_defaults:
+                pass_defaults[flag] = autoconfig(flag)
 
 
 def _current_settings_digest() -> str:
