@@ -24,6 +24,8 @@ ADDITIONAL_CONFIG_KEY = "vllm_fusion"
 # option name -> (type, default, help)
 OPTIONS: dict[str, tuple[type, Any, str]] = {
     "enabled": (bool, True, "false keeps vLLM's own passes for every fusion"),
+    "force_schemes": (bool, False, "true fuses every supported quantization scheme, also "
+                      "those the matrix measured slower than Inductor"),
 }
 
 
@@ -74,6 +76,8 @@ class FusionSettings:
     platform: str = "unknown"
     # fusion flag -> (min, max) num_tokens where its kernel runs, from the matrix
     token_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # fusion flag -> quantization scheme families it fuses ("fp8-static", "fp8-group", ...)
+    schemes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,7 +85,11 @@ class FusionSettings:
             "fusions": dict(sorted(self.fusions.items())),
             "platform": self.platform,
             "token_ranges": {k: list(v) for k, v in sorted(self.token_ranges.items())},
+            "schemes": {k: list(v) for k, v in sorted(self.schemes.items())},
         }
+
+    def fuses_scheme(self, flag: str, family: str) -> bool:
+        return family in self.schemes.get(flag, ())
 
     def digest(self) -> str:
         encoded = json.dumps(self.to_dict(), sort_keys=True).encode()
@@ -101,6 +109,7 @@ def resolve(vllm_config) -> FusionSettings:
     platform = platform_id()
     fusions: dict[str, bool] = {}
     token_ranges: dict[str, tuple[int, int]] = {}
+    schemes: dict[str, tuple[str, ...]] = {}
     for flag in FUSION_FLAGS:
         on = bool(getattr(pass_config, flag, False))
         capability = matrix.get(flag)
@@ -114,8 +123,13 @@ def resolve(vllm_config) -> FusionSettings:
             tokens = capability.token_range(platform)
             if tokens is not None:
                 token_ranges[flag] = (tokens.min, tokens.max)
+            if capability.schemes:
+                schemes[flag] = (
+                    tuple(capability.schemes) if options["force_schemes"]
+                    else capability.winning_schemes(platform)
+                )
         fusions[flag] = on
-    return FusionSettings(options["enabled"], fusions, platform, token_ranges)
+    return FusionSettings(options["enabled"], fusions, platform, token_ranges, schemes)
 
 
 def autoconfig(flag: str):

@@ -24,15 +24,27 @@ class TokenRange:
 
 
 @dataclass(frozen=True)
+class SchemeVerdict:
+    """Where the fused kernel beats Inductor for one quantization scheme family."""
+
+    platforms: tuple[str, ...]
+    measured: str
+
+
+@dataclass(frozen=True)
 class FusionCapability:
     flag: str
     platforms: tuple[str, ...]
     unsupported: str
     level: int
     tokens: dict[str, TokenRange] = field(default_factory=dict)
+    schemes: dict[str, SchemeVerdict] = field(default_factory=dict)
 
     def supported_on(self, platform_id: str) -> bool:
         return platform_id in self.platforms
+
+    def winning_schemes(self, platform_id: str) -> tuple[str, ...]:
+        return tuple(name for name, v in self.schemes.items() if platform_id in v.platforms)
 
     def token_range(self, platform_id: str) -> TokenRange | None:
         return self.tokens.get(platform_id)
@@ -49,6 +61,10 @@ def load_matrix() -> dict[str, FusionCapability]:
             unsupported=entry["unsupported"],
             level=int(entry["level"]),
             tokens={p: TokenRange(**r) for p, r in entry.get("tokens", {}).items()},
+            schemes={
+                name: SchemeVerdict(tuple(v["platforms"]), v["measured"])
+                for name, v in entry.get("schemes", {}).items()
+            },
         )
         for flag, entry in raw.items()
     }

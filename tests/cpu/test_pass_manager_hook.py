@@ -161,7 +161,7 @@ def test_missing_kernels_keep_vllm_passes(hooked, monkeypatch, vllm_logs):
 
 @pytest.mark.parametrize("options, message", [
     ({"enable": True}, "unknown key(s) 'enable' in additional_config[\"vllm_fusion\"]; "
-                       "allowed keys: enabled (bool)"),
+                       "allowed keys: enabled (bool), force_schemes (bool)"),
     ({"enabled": 1}, "additional_config[\"vllm_fusion\"][\"enabled\"] must be bool, got 1"),
     ("yes", "additional_config[\"vllm_fusion\"] must be a JSON object, got str"),
 ])

@@ -17,7 +17,6 @@ from vllm.config import VllmConfig
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.passes.base import FusionPass, FusionPattern
 from vllm_fusion.passes.quant_schemes import (
-    FP8_SCHEMES,
     FP8Scheme,
     fake_value,
     last_dim_contiguous,
@@ -92,6 +91,6 @@ class ActivationQuantFusionPass(FusionPass):
         dtype = self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else (
             torch.bfloat16
         )
-        for scheme in FP8_SCHEMES:
+        for scheme in self.schemes():
             self.register(SiluMulQuantPattern(scheme, dtype))
         self.dump_patterns(config, self.pm_pass)

@@ -22,6 +22,7 @@ from vllm.config import VllmConfig
 from vllm_fusion import _kernels
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
+from vllm_fusion.passes.quant_schemes import FP8_SCHEMES, FP8Scheme
 from vllm_fusion.version import __version__
 
 logger = init_logger(__name__)
@@ -54,6 +55,10 @@ class FusionPass(VllmFusionPatternMatcherPass):
         super().__init__(config, self.name)
         self.settings = settings
         self.matched_count = 0
+
+    def schemes(self) -> list[FP8Scheme]:
+        """The quantization schemes the matrix lets this fusion take on this platform."""
+        return [s for s in FP8_SCHEMES if self.settings.fuses_scheme(self.flag, s.family)]
 
     def is_applicable_for_range(self, compile_range) -> bool:
         """Only where the matrix says the kernel beats the unfused graph."""

@@ -31,6 +31,13 @@ class FP8Scheme:
         return self.key.scale.static
 
     @property
+    def family(self) -> str:
+        """The matrix's name for the scheme: fp8-static, fp8-per-token or fp8-group."""
+        if self.static:
+            return "fp8-static"
+        return "fp8-group" if self.group_size else "fp8-per-token"
+
+    @property
     def group_size(self) -> int:
         """0 for per-token scales, else the group width along the hidden dim."""
         shape = self.key.scale.group_shape

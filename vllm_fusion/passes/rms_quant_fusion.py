@@ -21,7 +21,6 @@ from vllm_fusion.config import FusionSettings
 from vllm_fusion.passes.base import FusionPass, FusionPattern
 from vllm_fusion.passes.quant_schemes import (
     EPSILONS,
-    FP8_SCHEMES,
     FP8Scheme,
     fake_value,
     last_dim_contiguous,
@@ -138,7 +137,7 @@ class RMSNormQuantFusionPass(FusionPass):
             torch.bfloat16
         )
         for epsilon in EPSILONS:
-            for scheme in FP8_SCHEMES:
+            for scheme in self.schemes():
                 # The fused-add form first: it is the larger pattern.
                 for fused_add in (True, False):
                     self.register(RMSNormQuantPattern(epsilon, scheme, fused_add, dtype))
