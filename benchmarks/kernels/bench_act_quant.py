@@ -1,0 +1,126 @@
+"""Benchmark SiLU*Mul+FP8 quant: vllm_fusion's kernels vs Inductor vs vLLM's.
+
+    python benchmarks/kernels/bench_act_quant.py [--tokens ...] [--hidden ...]
+        [--schemes static token group128] [--json out.json] [--plot out.png]
+
+``--hidden`` is the output width d (the input is [T, 2d]). Implementations: ``vllm_fusion``
+(torch.ops.vllm_fusion.*), ``inductor`` (torch.compile of the torch reference, default mode,
+static shapes) and ``vllm`` (vLLM 0.26's torch.ops._C fused kernels where it has one: static
+and per-group; it has none for per-token).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    Row,
+    common_args,
+    compile_inductor,
+    finish,
+    load_vllm_ops,
+    rotation,
+    time_per_call,
+    torch_dtype,
+)
+
+from vllm_fusion import _kernels  # noqa: E402
+from vllm_fusion import ops as vf  # noqa: E402
+
+# scheme -> group_size (None: static)
+SCHEMES = {"static": None, "token": 0, "group64": 64, "group128": 128}
+DEFAULT_SCHEMES = ["static", "token", "group128"]
+
+
+def minimal_bytes(tokens: int, d: int, elem: int, group) -> int:
+    b = tokens * 2 * d * elem + tokens * d  # input [T, 2d], fp8 output [T, d]
+    if group is None:
+        b += 4
+    elif group == 0:
+        b += 4 * tokens
+    else:
+        b += 4 * tokens * (d // group)
+    return b
+
+
+def make_impls(group, fp8, have_vllm):
+    ops = torch.ops.vllm_fusion
+    impls = {}
+    if group is None:
+        impls["vllm_fusion"] = lambda x, s: ops.silu_and_mul_static_fp8_quant(x, s)
+        ref = vf.silu_and_mul_static_fp8_quant_ref
+        impls["inductor"] = compile_inductor(lambda x, s: ref(x, s))
+    else:
+        impls["vllm_fusion"] = lambda x, s: ops.silu_and_mul_dynamic_fp8_quant(
+            x, group, False, False, None)
+        ref = vf.silu_and_mul_dynamic_fp8_quant_ref
+        impls["inductor"] = compile_inductor(lambda x, s: ref(x, group, False, False, None))
+    if have_vllm and group is None:
+        def vllm_static(x, s):
+            out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=fp8, device=x.device)
+            torch.ops._C.silu_and_mul_quant(out, x, s)
+            return out
+        impls["vllm"] = vllm_static
+    elif have_vllm and group and hasattr(torch.ops._C, "silu_and_mul_per_block_quant"):
+        def vllm_group(x, s):
+            d = x.shape[1] // 2
+            out = torch.empty((x.shape[0], d), dtype=fp8, device=x.device)
+            scales = torch.empty((x.shape[0], d // group), dtype=torch.float32,
+                                 device=x.device)
+            torch.ops._C.silu_and_mul_per_block_quant(out, x, scales, group, None, False)
+            return out, scales
+        impls["vllm"] = vllm_group
+    return impls
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, choices=list(SCHEMES))
+    args = p.parse_args()
+    status = _kernels.load()
+    if not status.loaded:
+        sys.exit(f"vllm_fusion kernels unavailable: {status.reason}")
+    dtype = torch_dtype(args.dtype)
+    elem = torch.finfo(dtype).bits // 8
+    fp8 = vf.fp8_dtype()
+    have_vllm = "vllm" in args.impls and load_vllm_ops(args.vllm_lib)
+    wanted = [i for i in args.impls if i != "vllm" or have_vllm]
+
+    rows: list[Row] = []
+    for scheme in args.schemes:
+        group = SCHEMES[scheme]
+        for d in args.hidden:
+            if group and d % group:
+                continue
+            impls = make_impls(group, fp8, have_vllm)
+            for tokens in args.tokens:
+                s = torch.tensor([0.02], device="cuda")
+
+                def make_set():
+                    return torch.randn(tokens, 2 * d, dtype=dtype, device="cuda"), s
+
+                sets = rotation(make_set, tokens * 2 * d * elem)
+                row = Row("silu_mul_fp8", scheme, tokens, d, args.dtype,
+                          minimal_bytes(tokens, d, elem, group))
+                for name in wanted:
+                    if name in impls:
+                        try:
+                            row.us[name] = time_per_call(impls[name], sets, reps=args.reps)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"# {name} {scheme} T={tokens} d={d} failed: {e}",
+                                  file=sys.stderr)
+                rows.append(row)
+                print(f"# {scheme} T={tokens} d={d}: " + ", ".join(
+                    f"{k} {v:.2f}us" for k, v in row.us.items()), flush=True)
+                del sets
+            torch.cuda.empty_cache()
+    finish(rows, wanted, args, "SiLU*Mul + FP8 quant")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Benchmark RMSNorm(+residual)+FP8 quant: vllm_fusion's kernels vs Inductor vs vLLM's.
+
+    python benchmarks/kernels/bench_norm_quant.py [--tokens ...] [--hidden ...]
+        [--schemes static static_res token_res group128_res] [--json out.json] [--plot out.png]
+
+Implementations: ``vllm_fusion`` (torch.ops.vllm_fusion.*), ``inductor`` (torch.compile of the
+torch reference in vllm_fusion.ops, default mode, static shapes) and ``vllm`` (vLLM 0.26's
+torch.ops._C fused kernels, when vllm or --vllm-lib is available).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    Row,
+    common_args,
+    compile_inductor,
+    finish,
+    load_vllm_ops,
+    rotation,
+    time_per_call,
+    torch_dtype,
+)
+
+from vllm_fusion import _kernels  # noqa: E402
+from vllm_fusion import ops as vf  # noqa: E402
+
+EPS = 1e-6
+# scheme -> (group_size or None for static, residual)
+SCHEMES = {
+    "static": (None, False),
+    "static_res": (None, True),
+    "token": (0, False),
+    "token_res": (0, True),
+    "group64": (64, False),
+    "group64_res": (64, True),
+    "group128": (128, False),
+    "group128_res": (128, True),
+}
+DEFAULT_SCHEMES = ["static", "static_res", "token_res", "group128_res"]
+
+
+def minimal_bytes(tokens: int, hidden: int, elem: int, group, residual: bool) -> int:
+    n = tokens * hidden
+    b = n * elem + hidden * elem + n  # input, weight, fp8 output
+    if residual:
+        b += 2 * n * elem  # residual in, residual_out
+    if group is None:
+        b += 4  # static scale
+    elif group == 0:
+        b += 4 * tokens
+    else:
+        b += 4 * tokens * (hidden // group)
+    return b
+
+
+def make_impls(group, residual, fp8, have_vllm):
+    ops = torch.ops.vllm_fusion
+    impls = {}
+    if group is None:
+        if residual:
+            impls["vllm_fusion"] = lambda x, r, w, s: ops.fused_add_rms_norm_static_fp8_quant(
+                x, r, w, s, EPS)
+            ref = vf.fused_add_rms_norm_static_fp8_quant_ref
+            impls["inductor"] = compile_inductor(lambda x, r, w, s: ref(x, r, w, s, EPS))
+        else:
+            impls["vllm_fusion"] = lambda x, r, w, s: ops.rms_norm_static_fp8_quant(x, w, s, EPS)
+            ref = vf.rms_norm_static_fp8_quant_ref
+            impls["inductor"] = compile_inductor(lambda x, r, w, s: ref(x, w, s, EPS))
+    else:
+        if residual:
+            impls["vllm_fusion"] = lambda x, r, w, s: ops.fused_add_rms_norm_dynamic_fp8_quant(
+                x, r, w, EPS, group, False, False, None)
+            ref = vf.fused_add_rms_norm_dynamic_fp8_quant_ref
+            impls["inductor"] = compile_inductor(
+                lambda x, r, w, s: ref(x, r, w, EPS, group, False, False, None))
+        else:
+            impls["vllm_fusion"] = lambda x, r, w, s: ops.rms_norm_dynamic_fp8_quant(
+                x, w, EPS, group, False, False, None)
+            ref = vf.rms_norm_dynamic_fp8_quant_ref
+            impls["inductor"] = compile_inductor(
+                lambda x, r, w, s: ref(x, w, EPS, group, False, False, None))
+    if have_vllm:
+        c = torch.ops._C
+        if group is None:
+            def vllm_static(x, r, w, s):
+                out = torch.empty(x.shape, dtype=fp8, device=x.device)
+                if residual:  # residual is updated in place
+                    c.fused_add_rms_norm_static_fp8_quant(out, x, r, w, s, EPS)
+                else:
+                    c.rms_norm_static_fp8_quant(out, x, w, s, EPS)
+                return out
+            impls["vllm"] = vllm_static
+        elif group == 0:
+            def vllm_token(x, r, w, s):
+                out = torch.empty(x.shape, dtype=fp8, device=x.device)
+                scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+                c.rms_norm_dynamic_per_token_quant(out, x, w, scales, EPS, None,
+                                                   r if residual else None)
+                return out, scales
+            impls["vllm"] = vllm_token
+        else:
+            def vllm_group(x, r, w, s):
+                out = torch.empty(x.shape, dtype=fp8, device=x.device)
+                scales = torch.empty((x.shape[0], x.shape[1] // group), dtype=torch.float32,
+                                     device=x.device)
+                c.rms_norm_per_block_quant(out, x, w, scales, EPS, None,
+                                           r if residual else None, group, False)
+                return out, scales
+            impls["vllm"] = vllm_group
+    return impls
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, choices=list(SCHEMES))
+    args = p.parse_args()
+    status = _kernels.load()
+    if not status.loaded:
+        sys.exit(f"vllm_fusion kernels unavailable: {status.reason}")
+    dtype = torch_dtype(args.dtype)
+    elem = torch.finfo(dtype).bits // 8
+    fp8 = vf.fp8_dtype()
+    have_vllm = "vllm" in args.impls and load_vllm_ops(args.vllm_lib)
+    wanted = [i for i in args.impls if i != "vllm" or have_vllm]
+
+    rows: list[Row] = []
+    for scheme in args.schemes:
+        group, residual = SCHEMES[scheme]
+        for hidden in args.hidden:
+            if group and hidden % group:
+                continue
+            impls = make_impls(group, residual, fp8, have_vllm)
+            for tokens in args.tokens:
+                w = torch.randn(hidden, dtype=dtype, device="cuda")
+                s = torch.tensor([0.02], device="cuda")
+
+                def make_set():
+                    x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+                    r = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+                    return x, r, w, s
+
+                per_set = tokens * hidden * elem * (2 if residual else 1)
+                sets = rotation(make_set, per_set)
+                row = Row("rms_norm_fp8", scheme, tokens, hidden, args.dtype,
+                          minimal_bytes(tokens, hidden, elem, group, residual))
+                for name in wanted:
+                    if name in impls:
+                        try:
+                            row.us[name] = time_per_call(impls[name], sets, reps=args.reps)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"# {name} {scheme} T={tokens} H={hidden} failed: {e}",
+                                  file=sys.stderr)
+                rows.append(row)
+                print(f"# {scheme} T={tokens} H={hidden}: " + ", ".join(
+                    f"{k} {v:.2f}us" for k, v in row.us.items()), flush=True)
+                del sets
+            torch.cuda.empty_cache()
+    finish(rows, wanted, args, "RMSNorm + FP8 quant")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+// Op schemas of the vllm_fusion namespace and their CUDA implementations, registered through
+// torch's stable ABI (one binary for torch >= 2.11), plus the entry point that makes the library
+// importable as the Python module vllm_fusion._C (an empty module: importing it runs the
+// registrations below).
+#include <torch/csrc/stable/library.h>
+
+#include "ops.h"
+
+// Schemas: functional ops that allocate and return their outputs. Python fakes live in
+// vllm_fusion/ops/ and must mirror the shapes, dtypes and strides allocated in csrc/.
+STABLE_TORCH_LIBRARY(vllm_fusion, m) {
+  m.def(
+      "rms_norm_static_fp8_quant(Tensor input, Tensor weight, Tensor scale, float epsilon) "
+      "-> Tensor");
+  m.def(
+      "fused_add_rms_norm_static_fp8_quant(Tensor input, Tensor residual, Tensor weight, "
+      "Tensor scale, float epsilon) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_dynamic_fp8_quant(Tensor input, Tensor weight, float epsilon, int group_size, "
+      "bool scale_transposed, bool scale_ue8m0, Tensor? scale_ub) -> (Tensor, Tensor)");
+  m.def(
+      "fused_add_rms_norm_dynamic_fp8_quant(Tensor input, Tensor residual, Tensor weight, "
+      "float epsilon, int group_size, bool scale_transposed, bool scale_ue8m0, "
+      "Tensor? scale_ub) -> (Tensor, Tensor, Tensor)");
+  m.def("silu_and_mul_static_fp8_quant(Tensor input, Tensor scale) -> Tensor");
+  m.def(
+      "silu_and_mul_dynamic_fp8_quant(Tensor input, int group_size, bool scale_transposed, "
+      "bool scale_ue8m0, Tensor? scale_ub) -> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
+  m.impl("rms_norm_static_fp8_quant", TORCH_BOX(&vllm_fusion::rms_norm_static_fp8_quant));
+  m.impl("fused_add_rms_norm_static_fp8_quant",
+         TORCH_BOX(&vllm_fusion::fused_add_rms_norm_static_fp8_quant));
+  m.impl("rms_norm_dynamic_fp8_quant", TORCH_BOX(&vllm_fusion::rms_norm_dynamic_fp8_quant));
+  m.impl("fused_add_rms_norm_dynamic_fp8_quant",
+         TORCH_BOX(&vllm_fusion::fused_add_rms_norm_dynamic_fp8_quant));
+  m.impl("silu_and_mul_static_fp8_quant",
+         TORCH_BOX(&vllm_fusion::silu_and_mul_static_fp8_quant));
+  m.impl("silu_and_mul_dynamic_fp8_quant",
+         TORCH_BOX(&vllm_fusion::silu_and_mul_dynamic_fp8_quant));
+}
+
+// ---------------------------------------------------------------- Python module entry point
+
+#define VF_EXPORT extern "C" __attribute__((visibility("default")))
+
+#ifndef VLLM_FUSION_NO_PYTHON_H
+
+  #include <Python.h>
+
+VF_EXPORT PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "vllm_fusion kernels (torch.ops.vllm_fusion)", -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+#else
+
+// Built where no Python headers are installed: declare the few stable-ABI (abi3) pieces that an
+// empty single-phase module needs. Their layout is fixed by the limited API.
+extern "C" {
+struct VfPyObject {
+  intptr_t ob_refcnt;
+  void* ob_type;
+};
+struct VfPyModuleDefBase {
+  VfPyObject ob_base;
+  VfPyObject* (*m_init)(void);
+  intptr_t m_index;
+  VfPyObject* m_copy;
+};
+struct VfPyModuleDef {
+  VfPyModuleDefBase m_base;
+  const char* m_name;
+  const char* m_doc;
+  intptr_t m_size;
+  void* m_methods;
+  void* m_slots;
+  void* m_traverse;
+  void* m_clear;
+  void* m_free;
+};
+VfPyObject* PyModule_Create2(VfPyModuleDef* def, int module_api_version);
+}
+
+VF_EXPORT VfPyObject* PyInit__C(void) {
+  // PYTHON_ABI_VERSION (3) is the API version limited-API modules pass.
+  static VfPyModuleDef module = {{{1, nullptr}, nullptr, 0, nullptr},
+                                 "_C",
+                                 "vllm_fusion kernels (torch.ops.vllm_fusion)",
+                                 -1,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr};
+  return PyModule_Create2(&module, 3);
+}
+
+#endif

@@ -1,0 +1,77 @@
+"""SiLU(gate) * up fused with FP8 quantization: torch references and fake impls.
+
+Ops (``torch.ops.vllm_fusion.*``, kernels in csrc/act_quant_kernels.cu); ``input`` is
+``[..., 2d]`` = ``[gate | up]``, the outputs are ``[..., d]``::
+
+    silu_and_mul_static_fp8_quant(input, scale) -> q
+    silu_and_mul_dynamic_fp8_quant(input, group_size, scale_transposed, scale_ue8m0, scale_ub)
+        -> (q, scales)
+
+The reference is vLLM 0.26's unfused path: ``F.silu(x[..., :d]) * x[..., d:]`` in the input
+dtype (silu computed in fp32 and rounded, then the product rounded), then the quantization
+references of :mod:`vllm_fusion.ops.fp8`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_fusion.ops.fp8 import (
+    check_dynamic_args,
+    dynamic_fp8_quant_ref,
+    empty_scales,
+    fp8_dtype,
+    static_fp8_quant_ref,
+)
+
+OPS = (
+    "silu_and_mul_static_fp8_quant",
+    "silu_and_mul_dynamic_fp8_quant",
+)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def silu_and_mul_static_fp8_quant_ref(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return static_fp8_quant_ref(silu_and_mul_ref(input), scale)
+
+
+def silu_and_mul_dynamic_fp8_quant_ref(
+    input: torch.Tensor,
+    group_size: int,
+    scale_transposed: bool,
+    scale_ue8m0: bool,
+    scale_ub: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = silu_and_mul_ref(input)
+    return dynamic_fp8_quant_ref(y, group_size, scale_transposed, scale_ue8m0, scale_ub)
+
+
+def _out_shape(input: torch.Tensor) -> tuple[int, ...]:
+    if input.shape[-1] % 2:
+        raise RuntimeError(
+            f"input last dim must be even ([gate | up] halves), got {input.shape[-1]}"
+        )
+    return (*input.shape[:-1], input.shape[-1] // 2)
+
+
+def register_fakes() -> None:
+    """Called once by vllm_fusion.ops after the library defined the ops."""
+
+    @torch.library.register_fake("vllm_fusion::silu_and_mul_static_fp8_quant")
+    def _silu_and_mul_static_fp8_quant_fake(input, scale):
+        return input.new_empty(_out_shape(input), dtype=fp8_dtype(input.device))
+
+    @torch.library.register_fake("vllm_fusion::silu_and_mul_dynamic_fp8_quant")
+    def _silu_and_mul_dynamic_fp8_quant_fake(
+        input, group_size, scale_transposed, scale_ue8m0, scale_ub
+    ):
+        shape = _out_shape(input)
+        check_dynamic_args(shape[-1], group_size, scale_transposed, scale_ue8m0, input.dim())
+        q = input.new_empty(shape, dtype=fp8_dtype(input.device))
+        ngroups = shape[-1] // group_size if group_size else 1
+        return q, empty_scales(input, shape, ngroups, scale_transposed)
