@@ -75,8 +75,9 @@ def check_scales_close(
 ) -> None:
     """Scales agree within 1e-6 relative. With ``input_dtype`` (RMSNorm: the kernel's fp32
     sum of squares is accumulated in another order than torch's, so a normalized value can
-    round to the neighbouring ``input_dtype`` value), a scale may instead differ by one ulp of
-    that dtype, at most for a tenth of them."""
+    round to the neighbouring ``input_dtype`` value, and the product with the weight is rounded
+    once more), a scale may instead differ by up to two ulps of that dtype, at most for a tenth
+    of them."""
     assert s.dtype == torch.float32, f"{what}: scales dtype {s.dtype}"
     assert s.shape == s_ref.shape, f"{what}: scales shape {tuple(s.shape)} != {tuple(s_ref.shape)}"
     assert same_layout(s, s_ref), f"{what}: scales strides {s.stride()} != {s_ref.stride()}"
@@ -92,9 +93,9 @@ def check_scales_close(
     if input_dtype is None:
         raise AssertionError(f"{what}: {n_off}/{s.numel()} scales off by > 1e-6 (max {worst})")
     ulp = torch.finfo(input_dtype).eps  # largest relative spacing of the input dtype
-    assert worst <= ulp * 1.01, f"{what}: scale off by {worst} relative (> one input ulp)"
+    assert worst <= 2 * ulp * 1.01, f"{what}: scale off by {worst} relative (> two input ulps)"
     assert n_off <= max(2, s.numel() // 10), (
-        f"{what}: {n_off}/{s.numel()} scales off by one input ulp (too many)"
+        f"{what}: {n_off}/{s.numel()} scales off by an input ulp (too many)"
     )
 
 
