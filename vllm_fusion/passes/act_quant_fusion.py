@@ -88,9 +88,7 @@ class ActivationQuantFusionPass(FusionPass):
 
     def __init__(self, config: VllmConfig, settings: FusionSettings):
         super().__init__(config, settings)
-        dtype = self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else (
-            torch.bfloat16
-        )
+        dtype = self.pattern_dtype()
         for scheme in self.schemes():
             self.register(SiluMulQuantPattern(scheme, dtype))
         self.dump_patterns(config, self.pm_pass)

@@ -56,6 +56,12 @@ class FusionPass(VllmFusionPatternMatcherPass):
         self.settings = settings
         self.matched_count = 0
 
+    def pattern_dtype(self) -> torch.dtype:
+        """Activation dtype the patterns are traced with: the model's, if 16-bit."""
+        if self.model_dtype in (torch.float16, torch.bfloat16):
+            return self.model_dtype
+        return torch.bfloat16
+
     def schemes(self) -> list[FP8Scheme]:
         """The quantization schemes the matrix lets this fusion take on this platform."""
         return [s for s in FP8_SCHEMES if self.settings.fuses_scheme(self.flag, s.family)]

@@ -133,9 +133,7 @@ class RMSNormQuantFusionPass(FusionPass):
 
     def __init__(self, config: VllmConfig, settings: FusionSettings):
         super().__init__(config, settings)
-        dtype = self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else (
-            torch.bfloat16
-        )
+        dtype = self.pattern_dtype()
         for epsilon in EPSILONS:
             for scheme in self.schemes():
                 # The fused-add form first: it is the larger pattern.
