@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_fusion.logger import init_logger
-from vllm_fusion.matrix import load_matrix, platform_id
+from vllm_fusion.matrix import load_matrix
 from vllm_fusion.passes.registry import FUSION_FLAGS
 
 logger = init_logger(__name__)
@@ -26,7 +26,15 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "enabled": (bool, True, "false keeps vLLM's own passes for every fusion"),
     "force_schemes": (bool, False, "true fuses every supported quantization scheme, also "
                       "those the matrix measured slower than Inductor"),
+    "schemes": (dict, {}, "per fusion of the package, the scheme families to fuse, "
+                "overriding the matrix verdicts and force_schemes, e.g. "
+                '{"fuse_norm_quant": ["fp8-static", "fp8-group"]}'),
+    "token_range": (dict, {}, "per fusion of the package, [min, max] num_tokens of the "
+                    "compile ranges where its pass runs, overriding the matrix, e.g. "
+                    '{"fuse_act_quant": [1, 8192]}'),
 }
+
+_TYPE_NAMES = {bool: "bool", dict: "object", int: "int", str: "string", list: "list"}
 
 
 class FusionConfigError(ValueError):
@@ -34,7 +42,57 @@ class FusionConfigError(ValueError):
 
 
 def _allowed() -> str:
-    return ", ".join(f"{name} ({typ.__name__})" for name, (typ, _, _) in OPTIONS.items())
+    return ", ".join(f"{name} ({_TYPE_NAMES.get(typ, typ.__name__)})"
+                     for name, (typ, _, _) in OPTIONS.items())
+
+
+def _owned_flags() -> tuple[str, ...]:
+    from vllm_fusion.passes.registry import FUSIONS
+
+    return tuple(f.flag for f in FUSIONS if f.package_pass is not None)
+
+
+def _key(*path: str) -> str:
+    return f'additional_config["{ADDITIONAL_CONFIG_KEY}"]' + "".join(f'["{p}"]' for p in path)
+
+
+def _check_per_fusion(name: str, value: dict) -> None:
+    owned = _owned_flags()
+    for flag in value:
+        if flag not in owned:
+            raise FusionConfigError(
+                f"unknown fusion {flag!r} in {_key(name)}; allowed: {', '.join(owned)}"
+            )
+
+
+def _check_schemes(value: dict) -> dict[str, list[str]]:
+    _check_per_fusion("schemes", value)
+    matrix = load_matrix()
+    for flag, families in value.items():
+        allowed = tuple(n for n, v in matrix[flag].schemes.items() if v.supported)
+        if not isinstance(families, list) or any(f not in allowed for f in families):
+            raise FusionConfigError(
+                f"{_key('schemes', flag)} must be a list of scheme families from "
+                f"{', '.join(allowed)}; got {families!r}"
+            )
+    return value
+
+
+def _check_token_range(value: dict) -> dict[str, list[int]]:
+    _check_per_fusion("token_range", value)
+    for flag, bounds in value.items():
+        ok = (isinstance(bounds, list) and len(bounds) == 2
+              and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+              and 1 <= bounds[0] <= bounds[1])
+        if not ok:
+            raise FusionConfigError(
+                f"{_key('token_range', flag)} must be [min, max] with integers "
+                f"1 <= min <= max; got {bounds!r}"
+            )
+    return value
+
+
+_CHECKS = {"schemes": _check_schemes, "token_range": _check_token_range}
 
 
 def parse_options(additional_config: Any) -> dict[str, Any]:
@@ -62,9 +120,9 @@ def parse_options(additional_config: Any) -> dict[str, Any]:
         if typ is bool and not isinstance(value, bool) or not isinstance(value, typ):
             raise FusionConfigError(
                 f'additional_config["{ADDITIONAL_CONFIG_KEY}"]["{name}"] must be '
-                f"{typ.__name__}, got {value!r}"
+                f"{_TYPE_NAMES.get(typ, typ.__name__)}, got {value!r}"
             )
-        options[name] = value
+        options[name] = _CHECKS[name](value) if name in _CHECKS else value
     return options
 
 
@@ -78,6 +136,8 @@ class FusionSettings:
     token_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     # fusion flag -> quantization scheme families it fuses ("fp8-static", "fp8-group", ...)
     schemes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Package fusions left to vLLM's own pass here (e.g. a scheme only vLLM has a kernel for)
+    delegated: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +146,7 @@ class FusionSettings:
             "platform": self.platform,
             "token_ranges": {k: list(v) for k, v in sorted(self.token_ranges.items())},
             "schemes": {k: list(v) for k, v in sorted(self.schemes.items())},
+            "delegated": list(self.delegated),
         }
 
     def fuses_scheme(self, flag: str, family: str) -> bool:
@@ -96,40 +157,61 @@ class FusionSettings:
         return hashlib.sha256(encoded).hexdigest()
 
 
+def _log_delegation(flag: str, reason: str) -> None:
+    from vllm_fusion import _kernels
+
+    kernels = _kernels.load()
+    if kernels.loaded:  # a scheme only vLLM has a kernel for: expected
+        logger.info_once("vllm_fusion: %s runs vLLM's own pass: %s", flag, reason)
+    else:
+        logger.warning_once(
+            "vllm_fusion: %s runs vLLM's own pass: %s", flag, kernels.describe()
+        )
+
+
 def resolve(vllm_config) -> FusionSettings:
     """Settings for ``vllm_config`` on this process's platform.
 
-    A fusion runs when vLLM's flag says so: the user's explicit value, or the
-    package's level default (``autoconfig``) where the user left it unset. A
-    flag set on a platform the matrix rules out is turned off with a warning.
+    The flags in vLLM's PassConfig are final here (explicit, or the level default
+    computed by ``autoconfig``/vLLM's predicates), so each is treated as the
+    user's choice and handed to the resolver: a package fusion the platform or
+    setup cannot run is turned off with one warning. vLLM's own fusions keep
+    their flag as it is: the package never changes what vLLM does with them.
     """
+    from vllm_fusion.resolver import Setup, package_schemes, resolve_fusion
+
     options = parse_options(vllm_config.additional_config)
     pass_config = vllm_config.compilation_config.pass_config
     matrix = load_matrix()
-    platform = platform_id()
+    setup = Setup.from_vllm_config(vllm_config)
+    platform = setup.platform
     fusions: dict[str, bool] = {}
     token_ranges: dict[str, tuple[int, int]] = {}
     schemes: dict[str, tuple[str, ...]] = {}
+    delegated: list[str] = []
     for flag in FUSION_FLAGS:
         on = bool(getattr(pass_config, flag, False))
         capability = matrix.get(flag)
-        if capability is not None:
-            if on and not capability.supported_on(platform):
-                logger.warning_once(
-                    "vllm_fusion: %s is turned off on %s: %s", flag, platform,
-                    capability.unsupported,
-                )
-                on = False
+        if capability is not None and capability.implementation == "vllm_fusion":
+            decision = resolve_fusion(flag, setup)
+            if decision.warning:
+                logger.warning_once("vllm_fusion: %s", decision.warning)
+            on = decision.enabled
+            if on and decision.implementation == "vllm":
+                delegated.append(flag)
+                _log_delegation(flag, decision.reason)
+            override = options["token_range"].get(flag)
             tokens = capability.token_range(platform)
-            if tokens is not None:
+            if override is not None:
+                token_ranges[flag] = (override[0], override[1])
+            elif tokens is not None:
                 token_ranges[flag] = (tokens.min, tokens.max)
             if capability.schemes:
-                schemes[flag] = (
-                    tuple(capability.schemes) if options["force_schemes"]
-                    else capability.winning_schemes(platform)
-                )
+                schemes[flag] = package_schemes(capability, setup)
         fusions[flag] = on
-    return FusionSettings(options["enabled"], fusions, platform, token_ranges, schemes)
+    return FusionSettings(
+        options["enabled"], fusions, platform, token_ranges, schemes, tuple(delegated)
+    )
 
 
 def autoconfig(flag: str):
@@ -140,16 +222,11 @@ def autoconfig(flag: str):
     """
 
     def default(vllm_config) -> bool:
-        from vllm_fusion import _kernels
+        from vllm_fusion.resolver import Setup, resolve_fusion
 
-        capability = load_matrix()[flag]
-        return (
-            int(vllm_config.optimization_level) >= capability.level
-            and capability.supported_on(platform_id())
-            # Without the kernels vLLM's own pass would run instead.
-            and _kernels.load().loaded
-            and parse_options(vllm_config.additional_config)["enabled"]
-        )
+        # The decision of an unset flag (the others do not matter to it).
+        setup = Setup.from_vllm_config(vllm_config, flags={})
+        return resolve_fusion(flag, setup).enabled
 
     default.__qualname__ = f"vllm_fusion_autoconfig_{flag}"
     return default

@@ -12,6 +12,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+IMPLEMENTATIONS = ("vllm_fusion", "vllm")
+
 
 @dataclass(frozen=True)
 class TokenRange:
@@ -25,10 +27,22 @@ class TokenRange:
 
 @dataclass(frozen=True)
 class SchemeVerdict:
-    """Where the fused kernel beats Inductor for one quantization scheme family."""
+    """One quantization scheme family of a fusion: whether it is fused, and (for the
+    package's kernels) where the fused kernel beats Inductor."""
 
+    # Where the fused kernel beats what runs otherwise (measured verdict).
     platforms: tuple[str, ...]
     measured: str
+    # True, False, or the platform ids where the scheme is fused at all.
+    supported: bool | tuple[str, ...] = True
+    reason: str = ""
+    # Package fusions: vLLM's own pass fuses this scheme, so it keeps the fusion for it.
+    vllm_fuses: bool = False
+
+    def supported_on(self, platform_id: str) -> bool:
+        if isinstance(self.supported, bool):
+            return self.supported
+        return platform_id in self.supported
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,16 @@ class FusionCapability:
     level: int
     tokens: dict[str, TokenRange] = field(default_factory=dict)
     schemes: dict[str, SchemeVerdict] = field(default_factory=dict)
+    implementation: str = "vllm_fusion"
+    fuses: str = ""
+    default_on: bool = True
+    default: str = ""
+    needs_full_graph: bool = False
+    needs_tp: int = 1
+    needs_flashinfer: bool = False
+    needs_aiter: bool = False
+    dtypes: tuple[str, ...] = ()
+    quant_only: bool = False
 
     def supported_on(self, platform_id: str) -> bool:
         return platform_id in self.platforms
@@ -46,28 +70,106 @@ class FusionCapability:
     def winning_schemes(self, platform_id: str) -> tuple[str, ...]:
         return tuple(name for name, v in self.schemes.items() if platform_id in v.platforms)
 
+    def supported_schemes(self, platform_id: str) -> tuple[str, ...]:
+        return tuple(name for name, v in self.schemes.items() if v.supported_on(platform_id))
+
     def token_range(self, platform_id: str) -> TokenRange | None:
         return self.tokens.get(platform_id)
 
 
-@functools.cache
-def load_matrix() -> dict[str, FusionCapability]:
-    text = resources.files("vllm_fusion.data").joinpath("matrix.toml").read_text()
-    raw = tomllib.loads(text)["fusions"]
-    return {
-        flag: FusionCapability(
+@dataclass(frozen=True)
+class Platform:
+    id: str
+    vendor: str  # "cuda" | "rocm"
+    label: str
+
+
+@dataclass(frozen=True)
+class Matrix:
+    platforms: dict[str, Platform]
+    schemes: dict[str, str]  # scheme id -> label
+    fusions: dict[str, FusionCapability]
+
+
+class MatrixError(ValueError):
+    """matrix.toml does not follow its schema."""
+
+
+def _supported(value, where: str):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise MatrixError(f"{where}.supported must be a bool or a list of platform ids, got {value!r}")
+
+
+def _parse(raw: dict) -> Matrix:
+    platforms = {
+        pid: Platform(pid, entry["vendor"], entry["label"])
+        for pid, entry in raw.get("platforms", {}).items()
+    }
+    schemes = {sid: entry["label"] for sid, entry in raw.get("schemes", {}).items()}
+    fusions = {}
+    for flag, entry in raw["fusions"].items():
+        where = f"fusions.{flag}"
+        implementation = entry.get("implementation", "vllm_fusion")
+        if implementation not in IMPLEMENTATIONS:
+            raise MatrixError(f"{where}.implementation must be one of {IMPLEMENTATIONS}")
+        for pid in entry["platforms"]:
+            if platforms and pid not in platforms:
+                raise MatrixError(f"{where}.platforms: unknown platform {pid!r}")
+        verdicts = {}
+        for name, v in entry.get("schemes", {}).items():
+            if schemes and name not in schemes:
+                raise MatrixError(f"{where}.schemes: unknown scheme {name!r}")
+            verdicts[name] = SchemeVerdict(
+                tuple(v.get("platforms", ())), v.get("measured", "not measured"),
+                _supported(v.get("supported", True), f"{where}.schemes.{name}"),
+                v.get("reason", ""),
+                bool(v.get("vllm_fuses", False)),
+            )
+        fusions[flag] = FusionCapability(
             flag=flag,
             platforms=tuple(entry["platforms"]),
             unsupported=entry["unsupported"],
             level=int(entry["level"]),
             tokens={p: TokenRange(**r) for p, r in entry.get("tokens", {}).items()},
-            schemes={
-                name: SchemeVerdict(tuple(v["platforms"]), v["measured"])
-                for name, v in entry.get("schemes", {}).items()
-            },
+            schemes=verdicts,
+            implementation=implementation,
+            fuses=entry.get("fuses", ""),
+            default_on=bool(entry.get("default_on", True)),
+            default=entry.get("default", ""),
+            needs_full_graph=bool(entry.get("needs_full_graph", False)),
+            needs_tp=int(entry.get("needs_tp", 1)),
+            needs_flashinfer=bool(entry.get("needs_flashinfer", False)),
+            needs_aiter=bool(entry.get("needs_aiter", False)),
+            dtypes=tuple(entry.get("dtypes", ())),
+            quant_only=bool(entry.get("quant_only", False)),
         )
-        for flag, entry in raw.items()
-    }
+    return Matrix(platforms, schemes, fusions)
+
+
+@functools.cache
+def load_full_matrix() -> Matrix:
+    text = resources.files("vllm_fusion.data").joinpath("matrix.toml").read_text()
+    return _parse(tomllib.loads(text))
+
+
+def load_matrix() -> dict[str, FusionCapability]:
+    """fusion flag -> capability."""
+    return load_full_matrix().fusions
+
+
+def platform_vendor(platform_id: str) -> str:
+    """"cuda", "rocm", or the id itself ("cpu", "unknown") for anything else."""
+    known = load_full_matrix().platforms.get(platform_id)
+    if known is not None:
+        return known.vendor
+    if platform_id.startswith("sm"):
+        return "cuda"
+    if platform_id.startswith("gfx") or platform_id == "rocm":
+        return "rocm"
+    return platform_id
 
 
 def platform_id(platform=None) -> str:

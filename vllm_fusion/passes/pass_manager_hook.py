@@ -77,7 +77,8 @@ def build_package_passes(config, settings: FusionSettings) -> dict[Fusion, objec
     built = {}
     with set_current_vllm_config(config, check_compile=False):
         for fusion in FUSIONS:
-            if fusion.package_pass is None or not settings.fusions.get(fusion.flag):
+            if (fusion.package_pass is None or not settings.fusions.get(fusion.flag)
+                    or fusion.flag in settings.delegated):
                 continue
             new_pass = _build_pass(fusion, config, settings)
             if new_pass is not None:

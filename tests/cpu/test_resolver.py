@@ -1,0 +1,235 @@
+"""The resolver, cell by cell: every platform x TP1/TP2 x scheme x O0-O3, the
+override rules, and the additional_config settings it reads."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vllm_fusion.matrix import load_full_matrix, load_matrix
+from vllm_fusion.resolver import resolve_fusion, resolve_setup, simulated_setup
+
+PLATFORMS = ("sm80", "sm89", "sm90", "sm100", "sm120", "gfx90a", "gfx942", "gfx950")
+SCHEMES = ("unquantized", "fp8-static", "fp8-per-token", "fp8-group", "nvfp4")
+NINE = ("enable_sp", "fuse_gemm_comms", "fuse_act_padding", "fuse_allreduce_rms",
+        "fuse_norm_quant", "fuse_act_quant", "fuse_rope_kvcache", "fuse_attn_quant",
+        "enable_qk_norm_rope_fusion")
+OWNED = ("fuse_norm_quant", "fuse_act_quant")
+
+# Expectations written out independently of matrix.toml.
+FP8_PLATFORMS = {"sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950"}
+# Schemes the package fuses by default (the H100 verdicts, inherited elsewhere).
+WINS = {"fuse_norm_quant": {"fp8-group"}, "fuse_act_quant": {"fp8-per-token", "fp8-group"}}
+AR_PLATFORMS = {"sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
+
+CELLS = list(itertools.product(PLATFORMS, (1, 2), SCHEMES, (0, 1, 2, 3)))
+
+
+def expected_enabled(flag: str, platform: str, tp: int, level: int) -> bool:
+    if flag in OWNED:
+        return level >= 1 and platform in FP8_PLATFORMS
+    if flag == "fuse_allreduce_rms":  # vLLM 0.26: enable_allreduce_rms_fusion at -O2+
+        return level >= 2 and tp > 1 and platform in AR_PLATFORMS
+    # Off by default everywhere in vLLM 0.26 (or, for fuse_rope_kvcache and
+    # fuse_act_padding, off without +rotary_embedding / AITER norm priority + gpt-oss).
+    return False
+
+
+def expected_status(flag: str, platform: str, tp: int, scheme: str, level: int) -> str:
+    if not expected_enabled(flag, platform, tp, level):
+        return "off"
+    if flag in OWNED:
+        # NVFP4 SiLU*Mul: vLLM's own pass keeps the fusion (the package has no kernel).
+        vllm_keeps = flag == "fuse_act_quant" and scheme == "nvfp4"
+        return "on" if scheme in WINS[flag] or vllm_keeps else "idle"
+    return "on"  # fuse_allreduce_rms: AR+RMS always fuses, the quant where supported
+
+
+def test_matrix_has_the_nine_fusions_every_platform_and_scheme():
+    m = load_full_matrix()
+    assert tuple(m.fusions) == NINE
+    assert tuple(m.platforms) == PLATFORMS
+    assert tuple(m.schemes) == SCHEMES
+    for flag, cap in m.fusions.items():
+        assert set(cap.schemes) == set(SCHEMES), flag
+        assert cap.implementation == ("vllm_fusion" if flag in OWNED else "vllm")
+        assert cap.unsupported and cap.fuses and cap.default
+        for verdict in cap.schemes.values():
+            assert verdict.reason
+            # No invented numbers: only the package's measured verdicts name a card.
+            if cap.implementation == "vllm" or not verdict.platforms:
+                assert not verdict.platforms
+        assert not cap.tokens  # no token range has been measured yet
+
+
+def test_measured_verdicts_kept():
+    m = load_matrix()
+    assert m["fuse_norm_quant"].winning_schemes("sm90") == ("fp8-group",)
+    assert m["fuse_act_quant"].winning_schemes("sm90") == ("fp8-per-token", "fp8-group")
+    for flag in OWNED:
+        for name in ("fp8-static", "fp8-per-token", "fp8-group"):
+            assert m[flag].schemes[name].measured.startswith("H100 80GB HBM3, 2026-11-27")
+
+
+@pytest.mark.parametrize("platform, tp, scheme, level", CELLS)
+def test_every_cell(platform, tp, scheme, level):
+    decisions = resolve_setup(simulated_setup(platform, tp=tp, quant=scheme, level=level))
+    assert tuple(decisions) == NINE
+    for flag, d in decisions.items():
+        assert d.reason, (flag, d)
+        assert d.warning is None  # nothing explicit: no warning
+        assert d.enabled == expected_enabled(flag, platform, tp, level), (flag, d)
+        assert d.status == expected_status(flag, platform, tp, scheme, level), (flag, d)
+
+
+@pytest.mark.parametrize("platform, tp, scheme, level", CELLS[::7])
+def test_explicit_false_always_wins(platform, tp, scheme, level):
+    setup = simulated_setup(platform, tp=tp, quant=scheme, level=level,
+                            flags=dict.fromkeys(NINE, False))
+    for d in resolve_setup(setup).values():
+        assert not d.enabled and d.status == "off" and d.explicit
+        assert "turned off explicitly" in d.reason
+
+
+@pytest.mark.parametrize("flag, platform, tp, warns", [
+    ("fuse_norm_quant", "sm80", 1, "FP8 activation quantization"),
+    ("fuse_act_quant", "gfx90a", 2, "FP8 activation quantization"),
+    ("fuse_rope_kvcache", "sm90", 1, "forces it off on CUDA"),
+    ("fuse_act_padding", "sm100", 1, "off-ROCm"),
+    ("fuse_allreduce_rms", "sm90", 1, "needs TP>=2"),
+    ("fuse_allreduce_rms", "sm80", 2, "FI_ALLREDUCE_FUSION_MAX_SIZE_MB"),
+    ("fuse_allreduce_rms", "sm90", 3, "TP in (2, 4, 8, 16)"),
+    ("enable_sp", "sm90", 1, "needs TP>=2"),
+    ("enable_sp", "gfx942", 2, "SP_MIN_HIDDEN_SIZE"),
+    ("fuse_gemm_comms", "sm89", 2, "symmetric memory"),
+])
+def test_explicit_true_the_hardware_cannot_run_is_off_with_one_warning(flag, platform, tp, warns):
+    d = resolve_fusion(flag, simulated_setup(platform, tp=tp, flags={flag: True}))
+    assert not d.enabled and d.status == "off"
+    assert d.warning.startswith(f"{flag} is turned off on {platform}: ") and warns in d.warning
+
+
+@pytest.mark.parametrize("flag, platform, tp, scheme, status", [
+    ("fuse_norm_quant", "sm90", 1, "fp8-static", "idle"),
+    ("fuse_norm_quant", "sm90", 1, "fp8-group", "on"),
+    ("fuse_act_quant", "gfx942", 1, "fp8-per-token", "on"),
+    ("enable_qk_norm_rope_fusion", "sm90", 1, "unquantized", "on"),
+    ("enable_qk_norm_rope_fusion", "gfx950", 1, "nvfp4", "on"),
+    ("fuse_attn_quant", "sm90", 1, "fp8-static", "on"),
+    ("fuse_attn_quant", "sm90", 1, "fp8-group", "idle"),
+    ("fuse_attn_quant", "sm100", 1, "nvfp4", "on"),
+    ("enable_sp", "sm90", 2, "fp8-static", "on"),
+    ("fuse_gemm_comms", "sm100", 4, "unquantized", "on"),
+    ("fuse_allreduce_rms", "sm90", 2, "fp8-per-token", "on"),
+])
+def test_explicit_true_wins_where_it_can_run(flag, platform, tp, scheme, status):
+    d = resolve_fusion(flag, simulated_setup(platform, tp=tp, quant=scheme, level=1,
+                                             flags={flag: True}))
+    assert d.enabled and d.explicit and d.warning is None and d.status == status
+    assert "turned on explicitly" in d.reason
+
+
+def test_explicit_true_beats_level_and_default_off():
+    d = resolve_fusion("fuse_norm_quant", simulated_setup("sm90", level=0,
+                                                          flags={"fuse_norm_quant": True}))
+    assert d.enabled
+
+
+def test_missing_requirements_turn_vllm_defaults_off():
+    assert not resolve_fusion("fuse_allreduce_rms",
+                              simulated_setup("sm90", tp=2, has_flashinfer=False)).enabled
+    assert not resolve_fusion("fuse_allreduce_rms",
+                              simulated_setup("gfx942", tp=2, has_aiter=False)).enabled
+    d = resolve_fusion("enable_qk_norm_rope_fusion",
+                       simulated_setup("sm90", dtype="float32",
+                                       flags={"enable_qk_norm_rope_fusion": True}))
+    assert not d.enabled and "float32" in d.warning
+
+
+def test_rope_kvcache_follows_vllms_predicate_on_rocm():
+    base = dict(custom_ops=("rotary_embedding",), graph_partition=True)
+    assert resolve_fusion("fuse_rope_kvcache", simulated_setup("gfx942", **base)).enabled
+    assert not resolve_fusion("fuse_rope_kvcache",
+                              simulated_setup("gfx942", level=1, **base)).enabled
+    assert not resolve_fusion("fuse_rope_kvcache", simulated_setup("gfx942")).enabled
+    assert not resolve_fusion("fuse_rope_kvcache", simulated_setup("sm90", **base)).enabled
+
+
+def test_act_padding_follows_vllms_predicate_on_rocm():
+    setup = simulated_setup("gfx950", level=1, fused_add_rms_norm_priority="aiter",
+                            hidden_size=2880)
+    assert resolve_fusion("fuse_act_padding", setup).enabled
+    assert not resolve_fusion("fuse_act_padding",
+                              simulated_setup("gfx950", hidden_size=2880)).enabled
+
+
+def test_package_options_in_the_decision():
+    fp8_static = dict(quant="fp8-static")
+    assert resolve_fusion("fuse_norm_quant", simulated_setup("sm90", **fp8_static)).status == "idle"
+    forced = resolve_fusion("fuse_norm_quant",
+                            simulated_setup("sm90", force_schemes=True, **fp8_static))
+    assert forced.status == "on" and forced.schemes == ("fp8-static", "fp8-per-token", "fp8-group")
+    chosen = resolve_fusion("fuse_norm_quant", simulated_setup(
+        "sm90", scheme_overrides={"fuse_norm_quant": ("fp8-static",)}, **fp8_static))
+    assert chosen.status == "on" and chosen.schemes == ("fp8-static",)
+    off = resolve_fusion("fuse_norm_quant", simulated_setup("sm90", package_enabled=False))
+    assert not off.enabled
+    vllms = resolve_fusion("fuse_norm_quant", simulated_setup(
+        "sm90", package_enabled=False, flags={"fuse_norm_quant": True}))
+    assert vllms.enabled and vllms.implementation == "vllm"
+    no_kernels = resolve_fusion("fuse_norm_quant", simulated_setup("sm90", kernels_loaded=False))
+    assert not no_kernels.enabled and "kernels not loaded" in no_kernels.reason
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"schemes": {"fuse_norm_quant": ["fp8-bogus"]}},
+     'additional_config["vllm_fusion"]["schemes"]["fuse_norm_quant"] must be a list of scheme '
+     "families from fp8-static, fp8-per-token, fp8-group"),
+    ({"schemes": {"fuse_allreduce_rms": []}},
+     "unknown fusion 'fuse_allreduce_rms' in additional_config[\"vllm_fusion\"][\"schemes\"]; "
+     "allowed: fuse_norm_quant, fuse_act_quant"),
+    ({"schemes": ["fp8-group"]},
+     'additional_config["vllm_fusion"]["schemes"] must be object, got'),
+    ({"token_range": {"fuse_act_quant": [0, 10]}},
+     'additional_config["vllm_fusion"]["token_range"]["fuse_act_quant"] must be [min, max]'),
+    ({"token_range": {"fuse_act_quant": 256}}, "1 <= min <= max; got 256"),
+    ({"tokens": {}}, "allowed keys: enabled (bool), force_schemes (bool), schemes (object), "
+                     "token_range (object)"),
+])
+def test_bad_options_name_the_key_and_the_allowed_values(options, message):
+    from vllm_fusion.config import FusionConfigError, parse_options
+
+    with pytest.raises(FusionConfigError) as excinfo:
+        parse_options({"vllm_fusion": options})
+    assert message in str(excinfo.value)
+
+
+def test_good_options_parse():
+    from vllm_fusion.config import parse_options
+
+    options = parse_options({"vllm_fusion": {"schemes": {"fuse_norm_quant": ["fp8-static"]},
+                                             "token_range": {"fuse_act_quant": [1, 256]}}})
+    assert options["schemes"] == {"fuse_norm_quant": ["fp8-static"]}
+    assert options["token_range"] == {"fuse_act_quant": [1, 256]}
+
+
+def test_docs_matrix_md_matches_the_data():
+    from pathlib import Path
+
+    from vllm_fusion.matrix_doc import render_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "matrix.md"
+    assert doc.read_text() == render_markdown(), (
+        "docs/matrix.md is stale: python -m vllm_fusion.cli matrix --markdown > docs/matrix.md")
+
+
+def test_nvfp4_model_keeps_vllms_silu_nvfp4_fusion():
+    from vllm_fusion.resolver import resolve_fusion, simulated_setup
+
+    decision = resolve_fusion("fuse_act_quant", simulated_setup("sm100", quant="nvfp4", level=2))
+    assert decision.enabled and decision.implementation == "vllm"
+    assert "vLLM's own pass" in decision.reason
+    # FP8 models on the same card still get the package's pass.
+    fp8 = resolve_fusion("fuse_act_quant", simulated_setup("sm100", quant="fp8-group", level=2))
+    assert fp8.implementation == "vllm_fusion"

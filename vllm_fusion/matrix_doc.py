@@ -1,0 +1,106 @@
+"""``docs/matrix.md``, generated from ``data/matrix.toml`` and the resolver.
+
+    python -m vllm_fusion.cli matrix --markdown > docs/matrix.md
+"""
+
+from __future__ import annotations
+
+from vllm_fusion.matrix import load_full_matrix
+from vllm_fusion.resolver import LEVELS, resolve_fusion, simulated_setup
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "-"
+
+
+def _first_level(flag: str, platform: str, tp: int) -> str:
+    for level in LEVELS:
+        if resolve_fusion(flag, simulated_setup(platform, tp=tp, level=level)).enabled:
+            return f"O{level}"
+    return "-"
+
+
+def render_markdown() -> str:
+    m = load_full_matrix()
+    out: list[str] = []
+    add = out.append
+    add("# Fusion capability matrix")
+    add("")
+    add("<!-- Generated from vllm_fusion/data/matrix.toml by "
+        "`python -m vllm_fusion.cli matrix --markdown > docs/matrix.md`; do not edit. -->")
+    add("")
+    add("What each fusion can do, where, and what turns it on. `vllm-fusion matrix` resolves it "
+        "for this machine or a simulated one (`--platform sm90 --tp 2 --quant fp8-static "
+        "--level O2`). Fusions marked `vllm` are vLLM 0.26's own passes: the package does not "
+        "change them, this page only says what vLLM does.")
+    add("")
+    add("## Fusions")
+    add("")
+    add("| fusion | by | fuses | platforms | default from | full graph | min TP "
+        "| FlashInfer (CUDA) | AITER (ROCm) |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    for flag, cap in m.fusions.items():
+        level = f"O{cap.level}" if cap.default_on else "never (explicit only)"
+        add(f"| `{flag}` | {cap.implementation} | {_cell(cap.fuses)} | {', '.join(cap.platforms)} "
+            f"| {level} | {_yes(cap.needs_full_graph)} | {cap.needs_tp} "
+            f"| {_yes(cap.needs_flashinfer)} | {_yes(cap.needs_aiter)} |")
+    add("")
+    add("## Lowest level that turns each fusion on by default (TP=1 / TP=2)")
+    add("")
+    add("Unquantized model, vLLM's other defaults, FlashInfer (CUDA) and AITER (ROCm) "
+        "installed. `-`: no level does.")
+    add("")
+    add("| fusion | " + " | ".join(m.platforms) + " |")
+    add("|---|" + "---|" * len(m.platforms))
+    for flag in m.fusions:
+        cells = [f"{_first_level(flag, p, 1)} / {_first_level(flag, p, 2)}" for p in m.platforms]
+        add(f"| `{flag}` | " + " | ".join(cells) + " |")
+    add("")
+    add("## Platforms and schemes")
+    add("")
+    add("| platform | vendor | hardware |")
+    add("|---|---|---|")
+    for p in m.platforms.values():
+        add(f"| `{p.id}` | {p.vendor} | {p.label} |")
+    add("")
+    add("| scheme | meaning |")
+    add("|---|---|")
+    for sid, label in m.schemes.items():
+        add(f"| `{sid}` | {label} |")
+    for flag, cap in m.fusions.items():
+        add("")
+        add(f"## `{flag}`")
+        add("")
+        add(f"- implementation: **{cap.implementation}**; fuses: {cap.fuses}")
+        add(f"- platforms: {', '.join(cap.platforms)}; elsewhere: {cap.unsupported}")
+        add(f"- default: {cap.default}")
+        needs = [n for n, on in (("the full graph", cap.needs_full_graph),
+                                 (f"TP>={cap.needs_tp}", cap.needs_tp > 1),
+                                 ("FlashInfer on CUDA", cap.needs_flashinfer),
+                                 ("AITER on ROCm", cap.needs_aiter)) if on]
+        if cap.dtypes:
+            needs.append(f"model dtype {'/'.join(cap.dtypes)}")
+        add(f"- needs: {', '.join(needs) or 'nothing else'}")
+        add("")
+        add("| scheme | fused | why | fused by default on | measurement |")
+        add("|---|---|---|---|---|")
+        for sid, v in cap.schemes.items():
+            supported = (("all" if v.supported else "no") if isinstance(v.supported, bool)
+                         else ", ".join(v.supported))
+            default = (", ".join(v.platforms) or "none") if cap.implementation == "vllm_fusion" \
+                else "-"
+            add(f"| `{sid}` | {supported} | {_cell(v.reason)} | {default} | {_cell(v.measured)} |")
+        add("")
+        if cap.tokens:
+            add("| platform | num_tokens | measurement |")
+            add("|---|---|---|")
+            for pid, r in cap.tokens.items():
+                add(f"| `{pid}` | {r.min}-{r.max} | {_cell(r.measured)} |")
+        else:
+            add("Token range: not measured (runs at every compile range).")
+    add("")
+    return "\n".join(out)

@@ -1,0 +1,335 @@
+"""Which fusion runs, and why: one pure function for vLLM, the CLI and the tests.
+
+``resolve_setup(setup)`` decides each of the nine fusions from a ``Setup``: the
+platform id, the optimization level, the user's explicit flags, the parallel
+sizes, the model's dtype and quantization scheme, the custom-op and IR-priority
+state and the graph splitting. ``Setup.from_vllm_config`` builds one from a real
+VllmConfig; the CLI and the table-driven tests build one by hand.
+
+Rules, for every fusion:
+- an explicit False always wins;
+- an explicit True wins unless the platform or setup cannot run the fusion; it
+  is then turned off and the decision carries one warning saying why;
+- an unset flag takes the level default: for the package's fusions the matrix,
+  for vLLM's own fusions what vLLM 0.26's predicates decide (the package never
+  changes those; their decision here is informative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from vllm_fusion.matrix import FusionCapability, load_full_matrix, platform_vendor
+from vllm_fusion.passes.registry import FUSION_FLAGS
+
+LEVELS = (0, 1, 2, 3)
+DTYPES = ("float16", "bfloat16", "float32")
+
+# Flash-Infer's fused all-reduce world sizes (PassConfig.flashinfer_max_size).
+_FI_WORLD_SIZES = (2, 4, 8, 16)
+# vLLM 0.26's SP_MIN_HIDDEN_SIZE (sequence_parallelism.py), per platform id.
+_SP_MIN_HIDDEN = {"sm90": 8192, "sm100": 8192}
+
+
+def platform_ids() -> tuple[str, ...]:
+    return tuple(load_full_matrix().platforms)
+
+
+def scheme_ids() -> tuple[str, ...]:
+    return tuple(load_full_matrix().schemes)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the decision depends on. Defaults: vLLM's defaults."""
+
+    platform: str
+    level: int = 2
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    # scheme id (matrix.toml [schemes]); None: unknown
+    quant: str | None = "unquantized"
+    dtype: str = "bfloat16"
+    # flags the user set (-cc.pass_config.<flag>=True|False); unset flags are absent
+    flags: Mapping[str, bool] = field(default_factory=dict)
+    # custom ops turned on (+rms_norm, +quant_fp8, +silu_and_mul, +rotary_embedding)
+    custom_ops: tuple[str, ...] = ()
+    rms_norm_priority: str = "native"
+    fused_add_rms_norm_priority: str = "native"
+    graph_partition: bool = False
+    kv_update_split: bool = True
+    hidden_size: int | None = None
+    # None: unknown (assumed present when simulating)
+    has_flashinfer: bool | None = None
+    has_aiter: bool | None = None
+    kernels_loaded: bool = True
+    # additional_config["vllm_fusion"]
+    package_enabled: bool = True
+    force_schemes: bool = False
+    scheme_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def vendor(self) -> str:
+        return platform_vendor(self.platform)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flags"] = dict(self.flags)
+        d["scheme_overrides"] = {k: list(v) for k, v in self.scheme_overrides.items()}
+        d["custom_ops"] = list(self.custom_ops)
+        return d
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config, platform: str | None = None,
+                         flags: Mapping[str, bool] | None = None) -> Setup:
+        """The setup of ``vllm_config`` on ``platform`` (default: this process's).
+
+        ``flags`` default to every PassConfig fusion flag that is set (not None).
+        """
+        from vllm_fusion import _kernels
+        from vllm_fusion.config import parse_options
+        from vllm_fusion.matrix import platform_id
+
+        options = parse_options(vllm_config.additional_config)
+        compilation = vllm_config.compilation_config
+        pass_config = compilation.pass_config
+        if flags is None:
+            flags = {f: bool(v) for f in FUSION_FLAGS
+                     if (v := getattr(pass_config, f, None)) is not None}
+        parallel = vllm_config.parallel_config
+        model = vllm_config.model_config
+        custom_ops = tuple(
+            op for op in ("rms_norm", "quant_fp8", "silu_and_mul", "rotary_embedding")
+            if _safe(lambda op=op: compilation.is_custom_op_enabled(op), False)
+        )
+        priority = _safe(lambda: vllm_config.kernel_config.ir_op_priority, None)
+        return cls(
+            platform=platform or platform_id(),
+            level=int(vllm_config.optimization_level),
+            tp=int(parallel.tensor_parallel_size),
+            pp=int(parallel.pipeline_parallel_size),
+            dp=int(parallel.data_parallel_size),
+            quant=scheme_of(model),
+            dtype=str(getattr(model, "dtype", "bfloat16")).removeprefix("torch."),
+            flags=dict(flags),
+            custom_ops=custom_ops,
+            rms_norm_priority=_safe(lambda: priority.rms_norm[0], "native"),
+            fused_add_rms_norm_priority=_safe(lambda: priority.fused_add_rms_norm[0], "native"),
+            graph_partition=bool(compilation.use_inductor_graph_partition),
+            kv_update_split=_safe(compilation.splitting_ops_contain_kv_cache_update, True),
+            hidden_size=_safe(model.get_hidden_size, None) if model is not None else None,
+            has_flashinfer=probe_flashinfer(),
+            has_aiter=probe_aiter(),
+            kernels_loaded=_kernels.load().loaded,
+            package_enabled=options["enabled"],
+            force_schemes=options["force_schemes"],
+            scheme_overrides={k: tuple(v) for k, v in options["schemes"].items()},
+        )
+
+
+def _safe(fn, default):
+    try:
+        return fn()
+    except Exception:
+        return default
+
+
+def scheme_of(model_config) -> str | None:
+    """The scheme family of the model's linear layers; None when not recognised."""
+    if model_config is None:
+        return "unquantized"
+    method = getattr(model_config, "quantization", None)
+    if not method:
+        return "unquantized"
+    if _safe(model_config.is_nvfp4_quantized, False):
+        return "nvfp4"
+    if method == "fp8":
+        hf = _safe(lambda: model_config.model_arch_config.quantization_config, None) or {}
+        if hf.get("weight_block_size"):
+            return "fp8-group"
+        return "fp8-static" if hf.get("activation_scheme") == "static" else "fp8-per-token"
+    return None
+
+
+def probe_flashinfer() -> bool | None:
+    """FlashInfer installed (vLLM's own probe: the package and its JIT toolchain)."""
+    try:
+        from vllm.utils.flashinfer import has_flashinfer
+    except Exception:
+        return None
+    return _safe(has_flashinfer, None)
+
+
+def probe_aiter() -> bool | None:
+    """AITER usable by vLLM (installed, ROCm gfx9, VLLM_ROCM_USE_AITER=1)."""
+    try:
+        from vllm._aiter_ops import rocm_aiter_ops
+    except Exception:
+        return None
+    return _safe(rocm_aiter_ops.is_enabled, None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    flag: str
+    # The flag's value after resolution: the fusion's pass is in vLLM's list.
+    enabled: bool
+    # "on": runs and fuses this setup's scheme; "idle": its pass runs but fuses nothing
+    # of this scheme; "off": not run.
+    status: str
+    reason: str
+    # Who runs it here: "vllm_fusion" or "vllm".
+    implementation: str
+    explicit: bool = False
+    # Set when an explicit True was turned off (the text of the one warning).
+    warning: str | None = None
+    # Package fusions: scheme families its pass fuses.
+    schemes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schemes"] = list(self.schemes)
+        return d
+
+
+def _gate(cap: FusionCapability, setup: Setup) -> str | None:
+    """Why the platform or setup cannot run the fusion at all; None if it can."""
+    vendor = setup.vendor
+    if not cap.supported_on(setup.platform):
+        return cap.unsupported
+    if setup.tp < cap.needs_tp:
+        return f"needs TP>={cap.needs_tp} (TP={setup.tp})"
+    if cap.needs_flashinfer and vendor == "cuda" and setup.has_flashinfer is False:
+        return "needs FlashInfer, which is not installed"
+    if cap.needs_aiter and vendor == "rocm" and setup.has_aiter is False:
+        return "needs AITER (installed and VLLM_ROCM_USE_AITER=1)"
+    if cap.dtypes and setup.dtype not in cap.dtypes:
+        return f"model dtype {setup.dtype} not in {'/'.join(cap.dtypes)}"
+    return _vllm_gate(cap.flag, setup) if cap.implementation == "vllm" else None
+
+
+def _vllm_gate(flag: str, setup: Setup) -> str | None:
+    """Where vLLM 0.26 itself refuses a fusion that the data's fields don't express."""
+    if flag == "fuse_allreduce_rms" and setup.vendor == "cuda" and setup.tp not in _FI_WORLD_SIZES:
+        return f"FlashInfer's fused all-reduce takes TP in {_FI_WORLD_SIZES} (TP={setup.tp})"
+    if flag in ("enable_sp", "fuse_gemm_comms"):
+        threshold = _SP_MIN_HIDDEN.get(setup.platform)
+        if setup.hidden_size is not None and threshold and setup.hidden_size < threshold:
+            return (f"hidden size {setup.hidden_size} below vLLM's SP threshold {threshold}: "
+                    "VllmConfig disables SP (set pass_config.sp_min_token_num to force)")
+    return None
+
+
+def _vllm_predicate(flag: str, setup: Setup) -> str | None:
+    """vLLM 0.26's level predicate beyond the gates: None when it holds, else why not."""
+    if flag == "fuse_rope_kvcache":
+        if "rotary_embedding" not in setup.custom_ops:
+            return "vLLM's predicate needs the +rotary_embedding custom op"
+        if setup.kv_update_split and not setup.graph_partition:
+            return ("vLLM's predicate needs the KV-cache update kept in the graph "
+                    "(Inductor graph partition or not a splitting op)")
+    if flag == "fuse_act_padding":
+        if setup.fused_add_rms_norm_priority != "aiter":
+            return "vLLM's predicate needs the AITER fused_add_rms_norm IR priority"
+        if setup.hidden_size != 2880:
+            return "vLLM's predicate needs hidden size 2880 (gpt-oss)"
+    return None
+
+
+def _scheme_note(cap: FusionCapability, setup: Setup, fused: tuple[str, ...] | None):
+    """(status, note) for the setup's scheme; ``fused`` is the package pass's scheme list."""
+    scheme = setup.quant
+    if scheme is None:
+        return "on", "quantization scheme not recognised"
+    verdict = cap.schemes.get(scheme)
+    if verdict is None:
+        return "on", ""
+    if not verdict.supported_on(setup.platform):
+        return ("idle" if cap.quant_only else "on"), f"{scheme} not fused: {verdict.reason}"
+    if fused is not None and scheme not in fused:
+        return "idle", (f"{scheme} left to Inductor ({verdict.measured}); "
+                        "additional_config force_schemes or schemes fuses it")
+    if fused is not None:
+        return "on", f"{scheme} fused ({verdict.measured})"
+    return "on", f"{scheme}: {verdict.reason}"
+
+
+def package_schemes(cap: FusionCapability, setup: Setup) -> tuple[str, ...]:
+    """Scheme families the package's pass fuses in this setup."""
+    if cap.flag in setup.scheme_overrides:
+        return tuple(setup.scheme_overrides[cap.flag])
+    if setup.force_schemes:
+        return cap.supported_schemes(setup.platform)
+    return cap.winning_schemes(setup.platform)
+
+
+def resolve_fusion(flag: str, setup: Setup) -> Decision:
+    cap = load_full_matrix().fusions[flag]
+    explicit = setup.flags.get(flag)
+    impl = cap.implementation
+    owned = impl == "vllm_fusion"
+
+    def off(reason: str, warning: str | None = None) -> Decision:
+        return Decision(flag, False, "off", reason, impl, explicit is not None, warning)
+
+    if explicit is False:
+        return off(f"turned off explicitly (-cc.pass_config.{flag}=False)")
+    gate = _gate(cap, setup)
+    if explicit is True:
+        if gate is not None:
+            return off(gate, f"{flag} is turned off on {setup.platform}: {gate}")
+        if owned and not setup.package_enabled:
+            return Decision(flag, True, "on", "turned on explicitly; additional_config "
+                            "vllm_fusion.enabled=false: vLLM's pass runs", "vllm", True)
+        if owned and not setup.kernels_loaded:
+            return Decision(flag, True, "on", "turned on explicitly; vllm_fusion kernels "
+                            "not loaded: vLLM's pass runs", "vllm", True)
+        reason = "turned on explicitly"
+    else:
+        if setup.level == 0:
+            return off("-O0 compiles nothing: no fusion runs")
+        if owned and not setup.package_enabled:
+            return off("additional_config vllm_fusion.enabled=false: off by default")
+        if not cap.default_on:
+            return off(cap.default)
+        if setup.level < cap.level:
+            return off(f"off at -O{setup.level}; on by default from -O{cap.level}: {cap.default}")
+        if gate is not None:
+            return off(gate)
+        if owned and not setup.kernels_loaded:
+            return off("vllm_fusion kernels not loaded")
+        if not owned and (why := _vllm_predicate(flag, setup)) is not None:
+            return off(why)
+        reason = f"on by default at -O{setup.level}: {cap.default}"
+    verdict = cap.schemes.get(setup.quant or "")
+    if owned and verdict is not None and verdict.vllm_fuses:
+        # The package has no kernel for this model's scheme and vLLM's pass has one.
+        return Decision(flag, True, "on", f"{reason}; {setup.quant}: {verdict.reason}", "vllm",
+                        explicit is not None)
+    fused = package_schemes(cap, setup) if owned else None
+    status, note = _scheme_note(cap, setup, fused)
+    if note:
+        reason = f"{reason}; {note}"
+    return Decision(flag, True, status, reason, impl, explicit is not None, None, fused or ())
+
+
+def resolve_setup(setup: Setup) -> dict[str, Decision]:
+    """Every fusion's decision, in vLLM's pass order."""
+    return {flag: resolve_fusion(flag, setup) for flag in FUSION_FLAGS}
+
+
+def resolve_levels(setup: Setup, levels=LEVELS) -> dict[int, dict[str, Decision]]:
+    return {level: resolve_setup(replace(setup, level=level)) for level in levels}
+
+
+def simulated_setup(platform: str, *, tp: int = 1, quant: str | None = "unquantized",
+                    level: int = 2, **kwargs: Any) -> Setup:
+    """A setup on a platform that is not this machine: FlashInfer (CUDA) and AITER (ROCm)
+    are assumed installed unless ``has_flashinfer``/``has_aiter`` say otherwise."""
+    vendor = platform_vendor(platform)
+    kwargs.setdefault("has_flashinfer", vendor == "cuda")
+    kwargs.setdefault("has_aiter", vendor == "rocm")
+    return Setup(platform=platform, tp=tp, quant=quant, level=level, **kwargs)
