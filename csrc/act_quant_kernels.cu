@@ -185,9 +185,7 @@ std::pair<Tensor, std::optional<Tensor>> act_quant(const char* op, const Tensor&
   shape.back() = d;
 
   Tensor out = torch::stable::new_empty(input, shape, fmt.dtype);
-  int64_t group = 0;
-  if (kind == QuantKind::kGroup64) group = 64;
-  if (kind == QuantKind::kGroup128) group = 128;
+  const int64_t group = group_size_of(kind);
   std::optional<Tensor> scales;
   if (kind != QuantKind::kStatic)
     scales = alloc_scales(input, shape, group ? d / group : 1, scale_transposed);
@@ -202,20 +200,8 @@ std::pair<Tensor, std::optional<Tensor>> act_quant(const char* op, const Tensor&
   a.d = static_cast<int>(d);
   a.tpr = 0;
 
-  QuantArgs q{};
-  q.out = static_cast<uint8_t*>(out.mutable_data_ptr());
-  q.out_stride = d;
-  q.scales = scales ? static_cast<float*>(scales->mutable_data_ptr()) : nullptr;
-  q.static_scale = scale ? static_cast<const float*>(scale->const_data_ptr()) : nullptr;
-  q.scale_ub = scale_ub ? static_cast<const float*>(scale_ub->const_data_ptr()) : nullptr;
-  q.fp8_max = fmt.max;
-  q.inv_fp8_max = 1.0f / fmt.max;
-  q.min_scale = static_cast<float>(1.0 / (static_cast<double>(fmt.max) * 512.0));
-  q.scale_inner = input.dim() >= 2 ? input.size(-2) : 1;
-  q.ngroups = group ? static_cast<int>(d / group) : 1;
-  q.fnuz = fmt.fnuz;
-  q.ue8m0 = scale_ue8m0;
-  q.transposed = scale_transposed;
+  const QuantArgs q = make_quant_args(out, d, scales, scale, scale_ub, fmt, input,
+                                      group, scale_ue8m0, scale_transposed);
 
   const bool vector_ok = d % kVec == 0 && in.stride % kVec == 0 && aligned16(a.input);
   const gpuStream_t stream = current_stream(device);

@@ -352,6 +352,37 @@ inline Tensor alloc_scales(const Tensor& like, const std::vector<int64_t>& out_s
   return torch::stable::transpose(t, -1, -2);
 }
 
+// Group width of a quant kind: 64 or 128 for per-group scales, 0 otherwise.
+inline int64_t group_size_of(QuantKind kind) {
+  if (kind == QuantKind::kGroup64) return 64;
+  if (kind == QuantKind::kGroup128) return 128;
+  return 0;
+}
+
+// Kernel arguments of the quantization step writing `out` (rows of `width` fp8 values) and,
+// for dynamic quant, `scales`; shared by every fused op family.
+inline QuantArgs make_quant_args(Tensor& out, int64_t width, std::optional<Tensor>& scales,
+                                 const std::optional<Tensor>& scale,
+                                 const std::optional<Tensor>& scale_ub, const Fp8Format& fmt,
+                                 const Tensor& input, int64_t group, bool ue8m0,
+                                 bool transposed) {
+  QuantArgs q{};
+  q.out = static_cast<uint8_t*>(out.mutable_data_ptr());
+  q.out_stride = width;
+  q.scales = scales ? static_cast<float*>(scales->mutable_data_ptr()) : nullptr;
+  q.static_scale = scale ? static_cast<const float*>(scale->const_data_ptr()) : nullptr;
+  q.scale_ub = scale_ub ? static_cast<const float*>(scale_ub->const_data_ptr()) : nullptr;
+  q.fp8_max = fmt.max;
+  q.inv_fp8_max = 1.0f / fmt.max;
+  q.min_scale = static_cast<float>(1.0 / (static_cast<double>(fmt.max) * 512.0));
+  q.scale_inner = input.dim() >= 2 ? input.size(-2) : 1;
+  q.ngroups = group ? static_cast<int>(width / group) : 1;
+  q.fnuz = fmt.fnuz;
+  q.ue8m0 = ue8m0;
+  q.transposed = transposed;
+  return q;
+}
+
 inline std::vector<int64_t> shape_of(const Tensor& t) {
   std::vector<int64_t> s;
   for (int64_t i = 0; i < t.dim(); ++i) s.push_back(t.size(i));

@@ -247,9 +247,7 @@ NormQuantResult norm_quant(const char* op, const Tensor& input,
   NormQuantResult r;
   r.out = torch::stable::new_empty(input, shape, fmt.dtype);
   if (residual) r.residual_out = torch::stable::new_empty(input, shape, input.scalar_type());
-  int64_t group = 0;
-  if (kind == QuantKind::kGroup64) group = 64;
-  if (kind == QuantKind::kGroup128) group = 128;
+  const int64_t group = group_size_of(kind);
   if (kind != QuantKind::kStatic)
     r.scales = alloc_scales(input, shape, group ? H / group : 1, scale_transposed);
 
@@ -271,20 +269,8 @@ NormQuantResult norm_quant(const char* op, const Tensor& input,
   a.eps = static_cast<float>(epsilon);
   a.tpr = 0;
 
-  QuantArgs q{};
-  q.out = static_cast<uint8_t*>(r.out.mutable_data_ptr());
-  q.out_stride = H;
-  q.scales = r.scales ? static_cast<float*>(r.scales->mutable_data_ptr()) : nullptr;
-  q.static_scale = scale ? static_cast<const float*>(scale->const_data_ptr()) : nullptr;
-  q.scale_ub = scale_ub ? static_cast<const float*>(scale_ub->const_data_ptr()) : nullptr;
-  q.fp8_max = fmt.max;
-  q.inv_fp8_max = 1.0f / fmt.max;
-  q.min_scale = static_cast<float>(1.0 / (static_cast<double>(fmt.max) * 512.0));
-  q.scale_inner = input.dim() >= 2 ? input.size(-2) : 1;
-  q.ngroups = group ? static_cast<int>(H / group) : 1;
-  q.fnuz = fmt.fnuz;
-  q.ue8m0 = scale_ue8m0;
-  q.transposed = scale_transposed;
+  const QuantArgs q = make_quant_args(r.out, H, r.scales, scale, scale_ub, fmt, input,
+                                      group, scale_ue8m0, scale_transposed);
 
   const bool vector_ok = H % kVec == 0 && in.stride % kVec == 0 && aligned16(a.input) &&
                          aligned16(a.weight) &&
