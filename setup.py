@@ -65,19 +65,22 @@ def _split_list(value: str) -> list[str]:
 # --------------------------------------------------------------------------- toolkit discovery
 
 
-def _find_nvcc() -> str | None:
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "bin" / "nvcc")
-    which = shutil.which("nvcc")
+def _find_tool(name: str, root_vars: tuple[str, ...], default_root: str) -> str | None:
+    """``name`` from $<root var>/bin, PATH, then ``default_root``/bin; None if absent."""
+    candidates = [Path(os.environ[v]) / "bin" / name for v in root_vars if os.environ.get(v)]
+    which = shutil.which(name)
     if which:
         candidates.append(Path(which))
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    candidates.append(Path(default_root) / "bin" / name)
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
-            return _real_nvcc(str(c))[0]
+            return str(c)
     return None
+
+
+def _find_nvcc() -> str | None:
+    nvcc = _find_tool("nvcc", ("CUDA_HOME", "CUDA_PATH"), "/usr/local/cuda")
+    return _real_nvcc(nvcc)[0] if nvcc else None
 
 
 def _real_nvcc(nvcc: str) -> tuple[str, Path]:
@@ -105,18 +108,7 @@ def _real_nvcc(nvcc: str) -> tuple[str, Path]:
 
 
 def _find_hipcc() -> str | None:
-    candidates = []
-    for var in ("ROCM_HOME", "ROCM_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "bin" / "hipcc")
-    which = shutil.which("hipcc")
-    if which:
-        candidates.append(Path(which))
-    candidates.append(Path("/opt/rocm/bin/hipcc"))
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c)
-    return None
+    return _find_tool("hipcc", ("ROCM_HOME", "ROCM_PATH"), "/opt/rocm")
 
 
 def _torch_is_rocm() -> bool:

@@ -221,6 +221,14 @@ def _print_matrix(report: dict) -> None:
                   "this scheme; off: not run.")
 
 
+def _emit(report: dict, as_json: bool, print_tables) -> None:
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_tables(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-fusion", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,20 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         report = matrix_report(args.platform, args.tp, args.quant,
                                sorted(set(args.level or [0, 1, 2, 3])), dict(args.set),
                                pp=args.pp)
-        if args.json:
-            json.dump(report, sys.stdout, indent=2)
-            print()
-        else:
-            _print_matrix(report)
+        _emit(report, args.json, _print_matrix)
         return 0
 
     if args.command == "doctor":
-        report = doctor_report()
-        if args.json:
-            json.dump(report, sys.stdout, indent=2)
-            print()
-        else:
-            _print_doctor(report)
+        _emit(doctor_report(), args.json, _print_doctor)
     return 0
 
 

@@ -21,9 +21,6 @@ class TokenRange:
     max: int
     measured: str = ""
 
-    def covers(self, start: int, end: int) -> bool:
-        return self.min <= start and end <= self.max
-
 
 @dataclass(frozen=True)
 class SchemeVerdict:

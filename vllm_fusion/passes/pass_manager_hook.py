@@ -52,12 +52,9 @@ def place_pass(passes: list, fusion: Fusion, new_pass) -> list:
 
 
 def _build_pass(fusion: Fusion, config, settings: FusionSettings):
-    """The package's pass for ``fusion``, or None (with the reason logged)."""
-    if fusion.needs_kernels and not _kernels.load().loaded:
-        logger.warning_once(
-            "vllm_fusion: %s keeps vLLM's pass: %s", fusion.flag, _kernels.load().reason
-        )
-        return None
+    """The package's pass for ``fusion``, or None (with the reason logged).
+
+    Without kernels the fusion never gets here: the settings delegate it to vLLM."""
     try:
         return fusion.load_pass_class()(config, settings)
     except Exception as e:  # a broken pass must never stop vLLM

@@ -19,8 +19,6 @@ class Fusion:
     vllm_passes: tuple[str, ...]
     # "module:Class" of the package's pass, None while vLLM's is used.
     package_pass: str | None = None
-    # Whether the package pass needs torch.ops.vllm_fusion kernels.
-    needs_kernels: bool = True
 
     def load_pass_class(self) -> type:
         assert self.package_pass is not None
