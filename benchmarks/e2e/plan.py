@@ -27,9 +27,12 @@ VLLM_FUSIONS_COMPILATION_CONFIG = {
     "pass_config": {"fuse_norm_quant": True, "fuse_act_quant": True},
 }
 
-# Set for every run: a cached graph would run no pass at all. Unbuffered output keeps the
-# log of a failed run in order (stdout and stderr go to one file).
-COMMON_ENV = {"VLLM_DISABLE_COMPILE_CACHE": "1", "PYTHONUNBUFFERED": "1"}
+# Set for every run: a cached graph would run no pass at all, and Inductor's own caches
+# would hand every later run of a configuration the kernels (and autotuning choices) of its
+# first compile, so one lucky or unlucky compile would look like a real difference.
+# Unbuffered output keeps the log of a failed run in order (stdout and stderr go to one file).
+COMMON_ENV = {"VLLM_DISABLE_COMPILE_CACHE": "1", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+              "PYTHONUNBUFFERED": "1"}
 
 _PLAIN_VLLM = {"VLLM_PLUGINS": ""}  # set but empty: vLLM loads no plugin
 _WITH_PLUGIN = {"VLLM_PLUGINS": None}  # unset: vLLM loads every installed plugin
@@ -151,6 +154,7 @@ class Run:
     tp: int
     config: Config
     settings: Settings = field(default_factory=Settings)
+    repeat: int = 1  # which process of this (comparison, configuration), from 1
 
     @property
     def model_path(self) -> str:
@@ -158,8 +162,8 @@ class Run:
 
     @property
     def group(self) -> tuple:
-        """Runs that are compared with each other (one per configuration)."""
-        return (self.bench, self.model, self.batch_size, self.tp)
+        """Runs that are compared with each other (one per configuration): one round."""
+        return (self.bench, self.model, self.batch_size, self.tp, self.repeat)
 
     @property
     def id(self) -> str:
@@ -168,14 +172,18 @@ class Run:
             bs = f"bs{self.batch_size}"
         else:
             bs = f"n{self.settings.num_prompts}"
-        return f"{self.bench}__{model}__{bs}__tp{self.tp}__{self.config.name}"
+        name = f"{self.bench}__{model}__{bs}__tp{self.tp}__{self.config.name}"
+        return name if self.repeat == 1 else f"{name}__r{self.repeat}"
 
     def fingerprint(self) -> str:
         """Everything that decides the measurement; equal fingerprints may reuse a result."""
         s = self.settings
         key = [self.bench, self.model_path, self.batch_size, self.tp, s.input_len, s.output_len,
                s.iters, s.warmup, s.load_format, s.tokenizer, list(s.engine_args),
-               s.num_prompts if self.bench == "throughput" else None, self.config.identity()]
+               s.num_prompts if self.bench == "throughput" else None, self.config.identity(),
+               sorted(COMMON_ENV.items())]
+        if self.repeat != 1:
+            key.append(self.repeat)
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -183,7 +191,7 @@ class Run:
         return {"id": self.id, "bench": self.bench, "model": self.model,
                 "model_path": self.model_path, "batch_size": self.batch_size, "tp": self.tp,
                 "config": self.config.name, "aliases": list(self.config.aliases),
-                "fingerprint": self.fingerprint(), "env": env_changes(self)}
+                "repeat": self.repeat, "fingerprint": self.fingerprint(), "env": env_changes(self)}
 
 
 def resolve_model(name: str, root: str) -> str:
@@ -196,12 +204,16 @@ def resolve_model(name: str, root: str) -> str:
 
 def expand_runs(models: Sequence[str], batch_sizes: Sequence[int], tps: Sequence[int],
                 configs: Sequence[Config], settings: Settings,
-                benches: Sequence[str] = ("latency",)) -> list[Run]:
+                benches: Sequence[str] = ("latency",), repeats: int = 1) -> list[Run]:
     """The matrix, ordered so the configurations of one comparison run back to back
-    (baseline first when it is asked for), latency before throughput."""
+    (baseline first when it is asked for), latency before throughput. With ``repeats`` > 1
+    each comparison runs that many rounds in alternating order (A B, B A, ...), so a drift of
+    the card over time (clocks, temperature) does not favour one configuration."""
     unknown = set(benches) - set(BENCHMARKS)
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHMARKS}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     ordered = sorted(configs, key=lambda c: c.name != BASELINE)
     runs = []
     for bench in (b for b in BENCHMARKS if b in benches):
@@ -209,7 +221,10 @@ def expand_runs(models: Sequence[str], batch_sizes: Sequence[int], tps: Sequence
         for model in models:
             for tp in tps:
                 for bs in sizes:
-                    runs.extend(Run(bench, model, bs, tp, c, settings) for c in ordered)
+                    for r in range(1, repeats + 1):
+                        round_order = ordered if r % 2 else ordered[::-1]
+                        runs.extend(Run(bench, model, bs, tp, c, settings, r)
+                                    for c in round_order)
     return runs
 
 
@@ -257,7 +272,7 @@ def shell_line(run: Run, command: Sequence[str]) -> str:
 
 PLAN_KEYS = {"models", "batch_sizes", "input_len", "output_len", "tp", "configs", "iters",
              "warmup", "model_root", "load_format", "tokenizer", "flags", "bench", "num_prompts",
-             "engine_args", "custom_configs", "timeout", "time_budget"}
+             "engine_args", "custom_configs", "timeout", "time_budget", "repeats"}
 
 
 def parse_plan(text: str, suffix: str) -> dict:

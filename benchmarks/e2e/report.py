@@ -77,8 +77,14 @@ def _score(record: Mapping) -> float | None:
     return s.get("tokens_per_second") if record["bench"] == "throughput" else s.get("avg")
 
 
-def group_key(record: Mapping) -> tuple:
+def comparison_key(record: Mapping) -> tuple:
+    """(bench, model, bs, tp): the comparison a record belongs to, over all its rounds."""
     return (record["bench"], record["model"], record.get("batch_size"), record["tp"])
+
+
+def group_key(record: Mapping) -> tuple:
+    """One round of a comparison: the runs that were timed back to back."""
+    return (*comparison_key(record), record.get("repeat", 1))
 
 
 # ---------------------------------------------------------------- speedups
@@ -124,9 +130,55 @@ def summary_rows(records: Sequence[Mapping], baseline: str = BASELINE) -> list[d
         label = " = ".join([r["config"], *r.get("aliases", [])])
         rows.append({"id": r["id"], "bench": r["bench"], "model": r["model"],
                      "batch_size": r.get("batch_size"), "tp": r["tp"], "config": label,
+                     "repeat": r.get("repeat", 1),
                      "is_baseline": r["config"] == baseline, "status": r.get("status"),
                      "invocation": r.get("invocation"), **stats(r), **ups[r["id"]]})
     return rows
+
+
+def round_summary(rows: Sequence[Mapping]) -> list[dict]:
+    """Per (comparison, configuration) over its rounds (one process each): the average
+    latency of every process, their mean, the speedup of the means over the baseline's and
+    the range of the per-round speedups. The spread between processes (compile, autotuning,
+    memory placement) is usually larger than the spread between iterations of one process."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        if r["bench"] != "latency":
+            continue
+        entry = out.setdefault((*comparison_key(r), r["config"]), {
+            "model": r["model"], "batch_size": r["batch_size"], "tp": r["tp"],
+            "config": r["config"], "is_baseline": r["is_baseline"], "avgs": [],
+            "round_speedups": []})
+        if r["status"] == "ok" and r.get("avg"):
+            entry["avgs"].append(r["avg"])
+            if r.get("speedup") is not None and not r["is_baseline"]:
+                entry["round_speedups"].append(r["speedup"])
+    base = {k[:4]: e for k, e in out.items() if e["is_baseline"]}
+    for key, e in out.items():
+        e["mean"] = statistics.fmean(e["avgs"]) if e["avgs"] else None
+        b = base.get(key[:4])
+        e["speedup"] = (b["mean"] / e["mean"] if b and e["mean"] and b.get("mean")
+                        and not e["is_baseline"] else None)
+    return list(out.values())
+
+
+def has_rounds(rows: Sequence[Mapping]) -> bool:
+    return any(r.get("repeat", 1) > 1 for r in rows)
+
+
+def rounds_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "bs", "tp", "config", "processes", "avg of each process (s)",
+              "mean (s)", f"speedup of means vs {BASELINE}", "per-round speedups"]
+    cells = []
+    for e in round_summary(rows):
+        rs = e["round_speedups"]
+        cells.append([e["model"], str(e["batch_size"]), str(e["tp"]), e["config"],
+                      str(len(e["avgs"])), " ".join(f"{a:.4f}" for a in e["avgs"]),
+                      fmt_s(e["mean"]),
+                      "baseline" if e["is_baseline"] else
+                      (f"{e['speedup']:.3f}x" if e["speedup"] else ""),
+                      f"{min(rs):.3f}x-{max(rs):.3f}x" if rs else ""])
+    return header, cells
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -158,14 +210,17 @@ def _status(row: Mapping) -> str:
 
 def latency_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the latency table (shared by the console and the Markdown)."""
-    header = ["model", "bs", "tp", "config", "avg (s)", "p50 (s)", "p90 (s)",
-              "min-max (s), stdev", "n", f"speedup vs {BASELINE}", "status"]
+    rounds = has_rounds(rows)
+    header = ["model", "bs", "tp", *(["round"] if rounds else []), "config", "avg (s)",
+              "p50 (s)", "p90 (s)", "min-max (s), stdev", "n", f"speedup vs {BASELINE}",
+              "status"]
     cells = []
     for row in rows:
         if row["bench"] != "latency":
             continue
-        cells.append([row["model"], str(row["batch_size"]), str(row["tp"]), row["config"],
-                      fmt_s(row.get("avg")), fmt_s(row.get("p50")), fmt_s(row.get("p90")),
+        round_cell = [str(row.get("repeat", 1))] if rounds else []
+        cells.append([row["model"], str(row["batch_size"]), str(row["tp"]), *round_cell,
+                      row["config"], fmt_s(row.get("avg")), fmt_s(row.get("p50")), fmt_s(row.get("p90")),
                       spread(row), str(row.get("n") or ""), fmt_speedup(row), _status(row)])
     return header, cells
 
@@ -185,7 +240,8 @@ def throughput_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]
 
 
 def speedup_matrix(rows: Sequence[Mapping], bench: str = "latency"):
-    """Pivot: one line per comparison (model, bs, tp), one column per configuration."""
+    """Pivot: one line per comparison (model, bs, tp), one column per configuration; with
+    several rounds, the speedup of the mean latencies over the rounds."""
     configs = list(dict.fromkeys(r["config"] for r in rows
                                  if r["bench"] == bench and not r["is_baseline"]))
     lines: dict[tuple, dict[str, str]] = {}
@@ -195,6 +251,11 @@ def speedup_matrix(rows: Sequence[Mapping], bench: str = "latency"):
         cells = lines.setdefault((r["model"], r["batch_size"], r["tp"]), {})
         if not r["is_baseline"]:
             cells[r["config"]] = fmt_speedup(r) or (r["status"] if r["status"] != "ok" else "")
+    if bench == "latency" and has_rounds(rows):
+        for e in round_summary(rows):
+            if not e["is_baseline"] and e["speedup"]:
+                lines[(e["model"], e["batch_size"], e["tp"])][e["config"]] = (
+                    f"{e['speedup']:.3f}x ({len(e['avgs'])} processes)")
     with_bs = bench == "latency"
     header = ["model", *(["bs"] if with_bs else []), "tp", *configs]
     body = [[m, *([str(bs)] if with_bs else []), str(tp), *(cells.get(c, "") for c in configs)]
@@ -266,6 +327,12 @@ ENV_FIELDS = (("date", "date"), ("host", "host"), ("gpus", "GPU"), ("driver", "d
               ("git_dirty", "uncommitted changes"), ("python", "Python"), ("platform", "platform"))
 
 
+def _same_setup(a: Mapping, b: Mapping) -> bool:
+    """Same card, driver, software and commit: everything but the date."""
+    return {k: v for k, v in a.items() if k != "date"} == {k: v for k, v in b.items()
+                                                           if k != "date"}
+
+
 def environment_table(env: Mapping) -> str:
     cells = []
     for key, label in ENV_FIELDS:
@@ -331,7 +398,12 @@ def render_markdown(doc: Mapping, chart: str | None = "latency.png", chart_note:
              "## Environment", "", environment_table(env), ""]
     others = {k: v for k, v in doc.get("environments", {}).items() if k != doc["invocation"]}
     for inv, other in others.items():
-        parts += [f"Results reused from invocation `{inv}`:", "", environment_table(other), ""]
+        if _same_setup(other, env):
+            parts += [f"Results reused from invocation `{inv}` ({other.get('date', '')}): "
+                      "same card, software and commit as above.", ""]
+        else:
+            parts += [f"Results reused from invocation `{inv}`:", "", environment_table(other),
+                      ""]
     s = doc.get("settings", {})
     if s:
         parts += ["## Settings", "", md_table(["setting", "value"],
@@ -343,12 +415,18 @@ def render_markdown(doc: Mapping, chart: str | None = "latency.png", chart_note:
                       "`" + " ".join(c.get("args", [])) + "`", c.get("description", "")]
                      for c in doc["configs"]]
         parts += ["## Configurations", "",
-                  "Every run also sets `VLLM_DISABLE_COMPILE_CACHE=1`, so the passes really run.",
+                  "Every run also sets `VLLM_DISABLE_COMPILE_CACHE=1` and "
+                  "`TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`: the passes really run, and every "
+                  "process compiles and autotunes afresh.",
                   "",
                   md_table(["configuration", "environment", "engine args", "what"], cfg_cells), ""]
     header, cells = latency_table(rows)
     if cells:
         parts += ["## Latency (`vllm bench latency`)", "", md_table(header, cells), ""]
+        if has_rounds(rows):
+            rh, rc = rounds_table(rows)
+            parts += ["### Over rounds (one process per configuration and round, the order "
+                      "alternating between rounds)", "", md_table(rh, rc), ""]
         sh, sb = speedup_matrix(rows, "latency")
         if len(sh) > 3 and any(any(c for c in line[3:]) for line in sb):
             parts += [f"### Speedup over {doc.get('baseline', BASELINE)} "
@@ -381,18 +459,25 @@ def render_markdown(doc: Mapping, chart: str | None = "latency.png", chart_note:
 # ---------------------------------------------------------------- latency.png
 
 def chart_data(rows: Sequence[Mapping]):
-    """Groups ("model / bs=N [tp=T]") x configurations -> (avg, min, max) for ok latency runs,
+    """Groups ("model / bs=N [tp=T]") x configurations -> (avg, min, max, processes) for ok
+    latency runs (several rounds: the mean of their averages, the extremes of all iterations),
     or the status (str) for the others, so a failed configuration keeps its place."""
     lat = [r for r in rows if r["bench"] == "latency"]
     show_tp = len({r["tp"] for r in lat}) > 1
     groups: dict[str, dict[str, tuple | str]] = {}
     for r in lat:
         name = f"{r['model']}\nbs={r['batch_size']}" + (f" tp={r['tp']}" if show_tp else "")
+        cells = groups.setdefault(name, {})
         if r["status"] == "ok" and r.get("avg"):
-            cell = (r["avg"], r.get("min") or r["avg"], r.get("max") or r["avg"])
-        else:
-            cell = str(r["status"])
-        groups.setdefault(name, {})[r["config"]] = cell
+            cell = (r["avg"], r.get("min") or r["avg"], r.get("max") or r["avg"], 1)
+            previous = cells.get(r["config"])
+            if isinstance(previous, tuple):  # another round: mean of the process averages
+                avg, mn, mx, n = previous
+                cell = ((avg * n + cell[0]) / (n + 1), min(mn, cell[1]), max(mx, cell[2]),
+                        n + 1)
+            cells[r["config"]] = cell
+        elif not isinstance(cells.get(r["config"]), tuple):
+            cells[r["config"]] = str(r["status"])
     configs = list(dict.fromkeys(c for g in groups.values() for c in g))
     return groups, configs
 
@@ -420,7 +505,7 @@ def write_chart(doc: Mapping, path: str) -> str | None:
             x = g - 0.4 + width * (i + 0.5)
             cell = cells.get(config)
             if isinstance(cell, tuple):
-                avg, mn, mx = cell
+                avg, mn, mx, _ = cell
                 xs.append(x)
                 ys.append(avg)
                 lo.append(max(avg - mn, 0.0))

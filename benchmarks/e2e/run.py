@@ -51,7 +51,7 @@ DEFAULTS = {
     "configs": None, "flags": list(plan.DEFAULT_FLAGS), "iters": 8, "warmup": 3,
     "model_root": os.environ.get("DEVPACK_MODELS", ""), "load_format": None, "tokenizer": None,
     "bench": ["latency"], "num_prompts": 256, "engine_args": [], "custom_configs": {},
-    "timeout": None, "time_budget": None,
+    "timeout": None, "time_budget": None, "repeats": 1,
 }
 
 
@@ -76,6 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  f"(default {' '.join(plan.DEFAULT_FLAGS)})")
     a("--iters", type=int, help="measured iterations (default 8)")
     a("--warmup", type=int, help="warmup iterations (default 3)")
+    a("--repeats", type=int,
+      help="rounds per comparison, one process per configuration each, in alternating order "
+           "(default 1); the report adds the mean over the rounds and its spread")
     a("--model-root", help="folder holding the models (default $DEVPACK_MODELS, else none: "
                            "model names are used as given)")
     a("--load-format", help="vLLM --load-format (default: dummy with a --model-root, i.e. the "
@@ -432,7 +435,7 @@ def run_suite(runs: Sequence, out: Path, args: argparse.Namespace, opts: dict, c
 
 SETTINGS_KEYS = ("models", "batch_sizes", "tp", "input_len", "output_len", "iters", "warmup",
                  "model_root", "load_format", "tokenizer", "engine_args", "bench", "num_prompts",
-                 "flags", "timeout", "time_budget")
+                 "flags", "timeout", "time_budget", "repeats")
 
 
 def suite_context(args: argparse.Namespace, opts: dict, configs: Sequence,
@@ -470,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not opts["models"]:
         sys.exit("no models: give --models or a plan file with `models`")
     runs = plan.expand_runs(opts["models"], opts["batch_sizes"], opts["tp"], configs,
-                            make_settings(opts), opts["bench"])
+                            make_settings(opts), opts["bench"], opts["repeats"])
     if args.dry_run:
         for i, run in enumerate(runs, 1):
             cmd = plan.build_command(run, f"<out>/runs/{run.id}.json", args.python)

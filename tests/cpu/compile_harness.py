@@ -118,6 +118,7 @@ class PassRun:
     ops_after: collections.Counter
     uuid: str
     manager: Any = field(repr=False)
+    code: str = field(default="", repr=False)  # the graph's Python code after the passes
 
     def count(self, op: str, *, after: bool = True) -> int:
         return (self.ops_after if after else self.ops_before)[op]
@@ -170,6 +171,7 @@ def run_post_grad_passes(
             manager(gm.graph)
             gm.recompile()
             captured["after"] = count_ops(gm.graph)
+            captured["code"] = gm.code
             captured["uuid"] = manager.uuid()
             return gm.forward
 
@@ -201,4 +203,5 @@ def run_post_grad_passes(
         ops_after=captured["after"],
         uuid=captured["uuid"],
         manager=manager,
+        code=captured["code"],
     )

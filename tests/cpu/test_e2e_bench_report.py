@@ -207,6 +207,71 @@ def test_matrix_order_and_size():
     assert len({r.fingerprint() for r in runs}) == len(runs)
 
 
+def test_repeats_alternate_the_order_of_each_round():
+    configs = plan.resolve_configs(["plugin-O2", "vllm-O2"])
+    runs = plan.expand_runs(["llama3-8b-fp8"], [64], [1], configs, SETTINGS, repeats=4)
+    assert [(r.repeat, r.config.name) for r in runs] == [
+        (1, "vllm-O2"), (1, "plugin-O2"), (2, "plugin-O2"), (2, "vllm-O2"),
+        (3, "vllm-O2"), (3, "plugin-O2"), (4, "plugin-O2"), (4, "vllm-O2")]
+    # every round is its own comparison, run and resumed as one
+    assert len({r.group for r in runs}) == 4
+    assert runs[0].id == "latency__llama3-8b-fp8__bs64__tp1__vllm-O2"
+    assert runs[2].id == "latency__llama3-8b-fp8__bs64__tp1__plugin-O2__r2"
+    assert len({r.fingerprint() for r in runs}) == len(runs) == len({r.id for r in runs})
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        plan.expand_runs(["m"], [1], [1], configs, SETTINGS, repeats=0)
+
+
+def test_every_run_compiles_without_any_cache():
+    env = plan.env_changes(make_run("plugin-O2"))
+    assert env["VLLM_DISABLE_COMPILE_CACHE"] == "1"
+    assert env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] == "1"
+
+
+def rounds_records() -> list[dict]:
+    configs = plan.resolve_configs(["plugin-O2", "vllm-O2"])
+    runs = plan.expand_runs(["llama3-8b-fp8"], [64], [1], configs, SETTINGS, repeats=2)
+    # round 1: plugin 2% slower; round 2: plugin 1% faster (process-to-process spread)
+    lat = {(1, "vllm-O2"): 0.70, (1, "plugin-O2"): 0.714, (2, "plugin-O2"): 0.693,
+           (2, "vllm-O2"): 0.70}
+    return [{**r.describe(), "status": "ok", "invocation": "inv-1",
+             "result": latency_json([lat[(r.repeat, r.config.name)]] * 3)} for r in runs]
+
+
+def test_rounds_are_paired_within_the_round_and_summarised_over_processes():
+    records = rounds_records()
+    ups = report.speedups(records)
+    assert ups["latency__llama3-8b-fp8__bs64__tp1__plugin-O2"]["speedup"] == pytest.approx(
+        0.70 / 0.714)
+    assert ups["latency__llama3-8b-fp8__bs64__tp1__plugin-O2__r2"]["speedup"] == pytest.approx(
+        0.70 / 0.693)
+    summary = {e["config"]: e for e in report.round_summary(report.summary_rows(records))}
+    assert summary["plugin-O2"]["avgs"] == pytest.approx([0.714, 0.693])
+    assert summary["plugin-O2"]["speedup"] == pytest.approx(0.70 / ((0.714 + 0.693) / 2))
+    assert summary["vllm-O2"]["speedup"] is None and summary["vllm-O2"]["is_baseline"]
+    md = report.render_markdown(document(records), chart=None)
+    assert "### Over rounds" in md
+    assert "| llama3-8b-fp8 | 64 | 1 | plugin-O2 | 2 | 0.7140 0.6930 | 0.7035 | 0.995x | " \
+           "0.980x-1.010x |" in md
+    assert "0.995x (2 processes)" in md  # the pivot uses the mean over rounds
+    assert "| llama3-8b-fp8 | 64 | 1 | 2 | plugin-O2 |" in md  # the round column
+    groups, _ = report.chart_data(report.summary_rows(records))
+    assert groups["llama3-8b-fp8\nbs=64"]["plugin-O2"][0] == pytest.approx(0.7035)
+    assert groups["llama3-8b-fp8\nbs=64"]["plugin-O2"][3] == 2
+    single = report.render_markdown(document(), chart=None)
+    assert "Over rounds" not in single and "| round |" not in single
+
+
+def test_reused_invocation_with_the_same_setup_is_one_line():
+    doc = document()
+    doc["environments"]["inv-0"] = {**ENVIRONMENT, "date": "2026-11-27T12:00:00+00:00"}
+    doc["environments"]["inv-9"] = {**ENVIRONMENT, "git_head": "0" * 40}
+    md = report.render_markdown(doc, chart=None)
+    assert ("Results reused from invocation `inv-0` (2026-11-27T12:00:00+00:00): same card, "
+            "software and commit as above.") in md
+    assert "Results reused from invocation `inv-9`:" in md and "0" * 40 in md
+
+
 def test_real_checkpoints_without_a_model_root():
     real = plan.Settings(load_format="auto", model_root="")
     r = plan.Run("latency", "meta-llama/Llama-3.1-8B-Instruct", 8, 2,

@@ -117,6 +117,18 @@ def test_only_the_enabled_fusion_runs():
     assert result.count("_C.static_scaled_fp8_quant.default") == 4
 
 
+def test_scheme_the_matrix_leaves_to_inductor_keeps_vllms_graph_exactly():
+    # Static FP8 on sm90 at -O2: the package's passes run but must change nothing, so the
+    # graph Inductor compiles is byte for byte the one plain vLLM gives it.
+    plugin = compile_stack("fp8-static", False, additional_config={})
+    vllm_alone = compile_stack("fp8-static", False, additional_config={},
+                               pass_config={"fuse_norm_quant": False, "fuse_act_quant": False})
+    assert plugin.matches == {NORM_PASS: 0, ACT_PASS: 0}
+    assert NORM_PASS not in vllm_alone.matches
+    assert plugin.code == vllm_alone.code
+    assert plugin.ops_after == vllm_alone.ops_after
+
+
 @pytest.mark.parametrize("scheme, expected_norm, expected_act", [
     ("fp8-static", 0, 0), ("fp8-per-token", 0, 2), ("fp8-group128", 4, 2)])
 def test_matrix_decides_which_schemes_fuse_by_default(scheme, expected_norm, expected_act):
