@@ -184,6 +184,39 @@ def install_level_defaults() -> None:
                 pass_defaults[flag] = autoconfig(flag)
 
 
+# PassConfig flags vLLM 0.26 forces off off-ROCm (PassConfig.__post_init__) that the package
+# runs elsewhere too.
+VLLM_ROCM_ONLY_FLAGS = ("fuse_act_padding",)
+
+
+def install_pass_config_hook() -> None:
+    """Keep an explicit True of ``VLLM_ROCM_ONLY_FLAGS`` through vLLM's platform gate.
+
+    The package's resolver then decides from the matrix whether this platform runs the
+    fusion (and warns once if it cannot), as for every fusion the package implements.
+    """
+    from vllm.config.compilation import PassConfig
+
+    original = PassConfig.__post_init__
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self) -> None:
+        kept = [flag for flag in VLLM_ROCM_ONLY_FLAGS if getattr(self, flag, None) is True]
+        # Hidden from vLLM's gate (unset), so that it neither turns them off nor warns.
+        for flag in kept:
+            setattr(self, flag, None)
+        try:
+            original(self)
+        finally:
+            for flag in kept:
+                setattr(self, flag, True)
+
+    setattr(__post_init__, _WRAPPED, True)
+    PassConfig.__post_init__ = __post_init__
+
+
 def _current_settings_digest() -> str:
     from vllm.config import get_current_vllm_config_or_none
 
