@@ -42,7 +42,8 @@ class GptOssMoEInputStack(torch.nn.Module):
     """
 
     def __init__(self, hidden: int, padded: int, dtype: torch.dtype, eps: float,
-                 num_layers: int = 2, num_experts: int = 32, first_layer_padded: bool = False):
+                 num_layers: int = 2, num_experts: int = 32, first_layer_padded: bool = False,
+                 all_reduce: bool = False):
         super().__init__()
         from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -50,6 +51,7 @@ class GptOssMoEInputStack(torch.nn.Module):
 
         self.num_layers = num_layers
         self.first_layer_padded = first_layer_padded
+        self.all_reduce = all_reduce  # TP>1: the attention output is all-reduced
         self.input_norms = torch.nn.ModuleList(
             RMSNorm(hidden, eps=eps, dtype=dtype) for _ in range(num_layers))
         self.post_norms = torch.nn.ModuleList(
@@ -79,6 +81,8 @@ class GptOssMoEInputStack(torch.nn.Module):
             else:
                 hidden_states, residual = self.input_norms[layer](hidden_states, residual)
             hidden_states = hidden_states @ self.w_attn
+            if self.all_reduce:
+                hidden_states = torch.ops.vllm.all_reduce(hidden_states, group_name="tp:0")
             hidden_states, residual = self.post_norms[layer](hidden_states, residual)
             hidden_states = self.moe(hidden_states, layer)
         return hidden_states + residual
@@ -165,6 +169,25 @@ def test_flag_off_runs_no_pass():
     assert result.count(PAD) == 2 and result.count(FUSED_ADD_PAD) == 0
 
 
+def test_norm_after_all_reduce_is_left_to_the_allreduce_fusion(monkeypatch):
+    import dataclasses
+
+    from vllm_fusion.passes import pass_manager_hook
+
+    resolve = pass_manager_hook.resolve
+
+    def with_ar_fusion(config):  # as with TP>1 and fuse_allreduce_rms on
+        settings = resolve(config)
+        fusions = {**settings.fusions, "fuse_allreduce_rms": True}
+        return dataclasses.replace(settings, fusions=fusions)
+
+    monkeypatch.setattr(pass_manager_hook, "resolve", with_ar_fusion)
+    result = compile_stack(all_reduce=True)
+    assert result.count("vllm.all_reduce.default", after=False) == 2
+    assert result.matches[PAD_PASS] == 0
+    assert result.count(PAD) == 2
+
+
 def test_aiter_kernel_on_rocm_where_installed(monkeypatch):
     """With AITER, the fused-add sites use vLLM's registration of AITER's fused op (vLLM's
     own route on ROCm) with the pad multiple that gives the padded width."""
@@ -244,7 +267,7 @@ def check_reference_against_unfused(dtype, tokens, hidden, padded):
 def test_reference_rejects_a_narrower_padded_size():
     from vllm_fusion.ops import rms_norm_pad_ref
 
-    with pytest.raises(ValueError, match="padded_hidden must be at least the hidden size 64"):
+    with pytest.raises(RuntimeError, match="padded_hidden must be at least the hidden size 64"):
         rms_norm_pad_ref(torch.randn(2, 64), torch.ones(64), 1e-6, 32)
 
 

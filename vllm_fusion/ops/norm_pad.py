@@ -25,8 +25,9 @@ OPS = ("rms_norm_pad", "fused_add_rms_norm_pad")
 
 
 def check_padded_hidden(hidden: int, padded_hidden: int) -> None:
+    # RuntimeError, as the kernel raises it.
     if padded_hidden < hidden:
-        raise ValueError(
+        raise RuntimeError(
             f"padded_hidden must be at least the hidden size {hidden} (the last dim of "
             f"input), got {padded_hidden}"
         )

@@ -25,8 +25,17 @@ logger = init_logger(__name__)
 PASS_MANAGER_MODULE = "vllm.compilation.passes.pass_manager"
 _WRAPPED = "__vllm_fusion_wrapped__"
 
-# vLLM pass class name -> position of its fusion in vLLM's order.
+# vLLM pass class name / fusion flag -> position of its fusion in vLLM's order.
 _RANK = {name: rank for rank, f in enumerate(FUSIONS) for name in f.vllm_passes}
+_FLAG_RANK = {f.flag: rank for rank, f in enumerate(FUSIONS)}
+
+
+def _rank_of(p) -> int:
+    """Position in vLLM's order of the fusion a pass (vLLM's or the package's) serves."""
+    rank = _RANK.get(type(p).__name__)
+    if rank is None:  # the package's passes carry their flag
+        rank = _FLAG_RANK.get(getattr(p, "flag", None), len(FUSIONS))
+    return rank
 
 
 def _insert_position(passes: list, fusion: Fusion) -> int:
@@ -34,8 +43,7 @@ def _insert_position(passes: list, fusion: Fusion) -> int:
     rank = FUSIONS.index(fusion)
     position = 0
     for i, p in enumerate(passes):
-        name = type(p).__name__
-        if name == "NoOpEliminationPass" or _RANK.get(name, len(FUSIONS)) < rank:
+        if type(p).__name__ == "NoOpEliminationPass" or _rank_of(p) < rank:
             position = i + 1
     return position
 

@@ -76,6 +76,12 @@ def _aiter_multiple(hidden: int, padded: int) -> int | None:
     return None
 
 
+def _is_all_reduce(node) -> bool:
+    all_reduce = getattr(getattr(torch.ops, "vllm", None), "all_reduce", None)
+    return (isinstance(node, torch.fx.Node) and all_reduce is not None
+            and node.target in (all_reduce, getattr(all_reduce, "default", None)))
+
+
 class RMSNormPadPattern(FusionPattern):
     """``rms_norm`` or ``fused_add_rms_norm`` (``fused_add``), then ``F.pad(y, (0, pad))``.
 
@@ -84,21 +90,28 @@ class RMSNormPadPattern(FusionPattern):
     """
 
     def __init__(self, epsilon: float, pad: int, fused_add: bool, dtype: torch.dtype,
-                 aiter_op=None):
+                 aiter_op=None, defer_to_allreduce: bool = False):
         self.epsilon = epsilon
         self.pad = pad
         self.fused_add = fused_add
         self.dtype = dtype
         self.aiter_op = aiter_op if fused_add else None
+        # fuse_allreduce_rms runs after this pass and fuses all-reduce + RMSNorm: a norm right
+        # after an all-reduce is left to it (as vLLM's ROCm pass order intends, but there the
+        # padding fusion wins).
+        self.defer_to_allreduce = defer_to_allreduce
 
     def describe(self) -> str:
         add = "fused_add_" if self.fused_add else ""
         route = "+aiter" if self.aiter_op is not None else ""
-        return f"{add}rms_norm+pad{self.pad}@eps={self.epsilon}{route}"
+        defer = "/ar" if self.defer_to_allreduce else ""
+        return f"{add}rms_norm+pad{self.pad}@eps={self.epsilon}{route}{defer}"
 
     def extra_check(self, match: pm.Match) -> bool:
         x, weight = fake_value(match, "x"), fake_value(match, "weight")
         if x is None or weight is None:
+            return False
+        if self.defer_to_allreduce and _is_all_reduce(match.kwargs.get("x")):
             return False
         ok = (
             x.dtype == weight.dtype  # the kernel takes one dtype for both
@@ -167,6 +180,7 @@ class RMSNormPadFusionPass(FusionPass):
         super().__init__(config, settings)
         dtype = self.pattern_dtype()
         aiter_op = aiter_pad_op(settings.platform)
+        defer = bool(settings.fusions.get("fuse_allreduce_rms"))
         if aiter_op is not None:
             logger.info_once("vllm_fusion: %s uses AITER's fused add + RMSNorm + pad kernel",
                              self.flag)
@@ -174,7 +188,8 @@ class RMSNormPadFusionPass(FusionPass):
             for pad in pad_amounts(self.model_hidden_size(config)):
                 # The fused-add form first: it is the larger pattern.
                 for fused_add in (True, False):
-                    self.register(RMSNormPadPattern(epsilon, pad, fused_add, dtype, aiter_op))
+                    self.register(RMSNormPadPattern(epsilon, pad, fused_add, dtype, aiter_op,
+                                                    defer))
         self.dump_patterns(config, self.pm_pass)
 
     @staticmethod
