@@ -96,9 +96,9 @@ class RMSNormPadPattern(FusionPattern):
         self.fused_add = fused_add
         self.dtype = dtype
         self.aiter_op = aiter_op if fused_add else None
-        # fuse_allreduce_rms runs after this pass and fuses all-reduce + RMSNorm: a norm right
-        # after an all-reduce is left to it (as vLLM's ROCm pass order intends, but there the
-        # padding fusion wins).
+        # fuse_allreduce_rms runs after this pass and also consumes the norm: when it is on, a
+        # norm right after an all-reduce is left to it, the larger saving (vLLM's ROCm pass
+        # takes such norms for the padding fusion instead).
         self.defer_to_allreduce = defer_to_allreduce
 
     def describe(self) -> str:
