@@ -47,4 +47,15 @@ std::tuple<Tensor, Tensor> silu_and_mul_dynamic_fp8_quant(const Tensor& input,
                                                           bool scale_ue8m0,
                                                           const std::optional<Tensor>& scale_ub);
 
+// ---- RMSNorm (+ residual add) into a zero-padded hidden dim: csrc/norm_pad_kernels.cu
+
+// -> out [..., padded_hidden]: the normalized input, then zeros
+Tensor rms_norm_pad(const Tensor& input, const Tensor& weight, double epsilon,
+                    int64_t padded_hidden);
+
+// -> (out [..., padded_hidden], residual_out)
+std::tuple<Tensor, Tensor> fused_add_rms_norm_pad(const Tensor& input, const Tensor& residual,
+                                                  const Tensor& weight, double epsilon,
+                                                  int64_t padded_hidden);
+
 }  // namespace vllm_fusion

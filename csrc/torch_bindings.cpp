@@ -26,6 +26,10 @@ STABLE_TORCH_LIBRARY(vllm_fusion, m) {
   m.def(
       "silu_and_mul_dynamic_fp8_quant(Tensor input, int group_size, bool scale_transposed, "
       "bool scale_ue8m0, Tensor? scale_ub) -> (Tensor, Tensor)");
+  m.def("rms_norm_pad(Tensor input, Tensor weight, float epsilon, int padded_hidden) -> Tensor");
+  m.def(
+      "fused_add_rms_norm_pad(Tensor input, Tensor residual, Tensor weight, float epsilon, "
+      "int padded_hidden) -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
@@ -39,6 +43,8 @@ STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
          TORCH_BOX(&vllm_fusion::silu_and_mul_static_fp8_quant));
   m.impl("silu_and_mul_dynamic_fp8_quant",
          TORCH_BOX(&vllm_fusion::silu_and_mul_dynamic_fp8_quant));
+  m.impl("rms_norm_pad", TORCH_BOX(&vllm_fusion::rms_norm_pad));
+  m.impl("fused_add_rms_norm_pad", TORCH_BOX(&vllm_fusion::fused_add_rms_norm_pad));
 }
 
 // ---------------------------------------------------------------- Python module entry point

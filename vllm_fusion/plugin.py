@@ -48,6 +48,7 @@ def _register() -> None:
     from vllm_fusion.passes.pass_manager_hook import (
         install_compile_factors_hook,
         install_level_defaults,
+        install_pass_config_hook,
         install_pass_manager_hook,
     )
 
@@ -57,6 +58,7 @@ def _register() -> None:
     install_pass_manager_hook()
     install_compile_factors_hook()
     install_level_defaults()
+    install_pass_config_hook()
     owned = [f.flag for f in FUSIONS if f.package_pass is not None]
     delegated = [f.flag for f in FUSIONS if f.package_pass is None]
     logger.info(

@@ -231,11 +231,6 @@ def _vllm_predicate(flag: str, setup: Setup) -> str | None:
         if setup.kv_update_split and not setup.graph_partition:
             return ("vLLM's predicate needs the KV-cache update kept in the graph "
                     "(Inductor graph partition or not a splitting op)")
-    if flag == "fuse_act_padding":
-        if setup.fused_add_rms_norm_priority != "aiter":
-            return "vLLM's predicate needs the AITER fused_add_rms_norm IR priority"
-        if setup.hidden_size != 2880:
-            return "vLLM's predicate needs hidden size 2880 (gpt-oss)"
     return None
 
 

@@ -13,10 +13,15 @@ from vllm_fusion.matrix import load_matrix, platform_id
 
 @pytest.fixture
 def plugin(kernels):
-    from vllm_fusion.passes.pass_manager_hook import install_level_defaults, install_pass_manager_hook
+    from vllm_fusion.passes.pass_manager_hook import (
+        install_level_defaults,
+        install_pass_config_hook,
+        install_pass_manager_hook,
+    )
 
     install_pass_manager_hook()
     install_level_defaults()
+    install_pass_config_hook()
 
 
 def flags(config) -> tuple[bool, bool]:
@@ -76,8 +81,19 @@ def test_o2_on_sm90_has_the_package_passes_in_vllms_list(plugin):
     with set_current_vllm_config(config):
         manager = configured_pass_manager(config)
     assert [pass_key(p) for p in manager.passes] == [
-        "vllm:NoOpEliminationPass", "vllm_fusion:RMSNormQuantFusionPass",
-        "vllm_fusion:ActivationQuantFusionPass"]
+        "vllm:NoOpEliminationPass", "vllm_fusion:RMSNormPadFusionPass",
+        "vllm_fusion:RMSNormQuantFusionPass", "vllm_fusion:ActivationQuantFusionPass"]
+
+
+def test_explicit_act_padding_survives_vllms_rocm_only_gate(plugin):
+    # vLLM 0.26's PassConfig turns fuse_act_padding off off-ROCm; the package runs it on CUDA.
+    from vllm.config import set_current_vllm_config
+
+    config = make_vllm_config(optimization_level=1, pass_config={"fuse_act_padding": True})
+    assert config.compilation_config.pass_config.fuse_act_padding is True
+    with set_current_vllm_config(config):
+        manager = configured_pass_manager(config)
+    assert "vllm_fusion:RMSNormPadFusionPass" in [pass_key(p) for p in manager.passes]
 
 
 def test_explicit_true_on_unsupported_platform_is_vetoed_with_warning(plugin, caplog):

@@ -60,6 +60,8 @@ def test_matrix_json(capsys, platform):
     assert all(d["status"] in ("on", "off", "idle") and d["reason"] for d in decisions.values())
     assert decisions["fuse_allreduce_rms"]["enabled"] == (platform != "sm80")
     assert decisions["fuse_rope_kvcache"]["enabled"] is False
+    assert decisions["fuse_act_padding"]["enabled"] is True
+    assert decisions["fuse_act_padding"]["implementation"] == "vllm_fusion"
 
 
 def test_matrix_all_levels_and_explicit_flags(capsys):

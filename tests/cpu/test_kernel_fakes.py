@@ -107,3 +107,23 @@ def test_fakes_reject_bad_group(fake):
         OPS.rms_norm_dynamic_fp8_quant(_t(4, 2880), _t(2880), 1e-6, 128, False, False, None)
     with pytest.raises(RuntimeError, match="must be even"):
         OPS.silu_and_mul_static_fp8_quant(_t(4, 255), _t(1, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shape, padded", [((7, 2880), 3072), ((2, 5, 2880), 2944),
+                                           ((0, 64), 128), ((3, 200), 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_pad_fakes(fake, shape, padded, dtype):
+    x, w = _t(*shape, dtype=dtype), _t(shape[-1], dtype=dtype)
+    out_shape = (*shape[:-1], padded)
+    out = OPS.rms_norm_pad(x, w, 1e-5, padded)
+    assert (tuple(out.shape), out.dtype, out.stride()) == (out_shape, dtype,
+                                                            _contig_strides(out_shape))
+    out, r = OPS.fused_add_rms_norm_pad(x, x, w, 1e-6, padded)
+    assert (tuple(out.shape), out.dtype, out.stride()) == (out_shape, dtype,
+                                                            _contig_strides(out_shape))
+    assert (r.shape, r.dtype, r.stride()) == (x.shape, dtype, x.stride())
+
+
+def test_norm_pad_fake_rejects_a_narrower_padded_size(fake):
+    with pytest.raises(RuntimeError, match="padded_hidden must be at least the hidden size 2880"):
+        OPS.fused_add_rms_norm_pad(_t(4, 2880), _t(4, 2880), _t(2880), 1e-6, 2816)

@@ -77,7 +77,7 @@ def test_vllm_loads_plugin_once_and_installs_hooks():
 
     info = [l for l in output.splitlines() if f"vllm_fusion {__version__}:" in l]
     assert len(info) == 1, output[-2000:]
-    assert "INFO" in info[0] and "fusions: fuse_norm_quant, fuse_act_quant" in info[0]
+    assert "INFO" in info[0] and "fusions: fuse_act_padding, fuse_norm_quant, fuse_act_quant" in info[0]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from vllm_fusion.resolver import Setup, resolve_setup
 
 # The post-grad pass of each fusion when it runs on CUDA, per implementation.
 PASS = {
+    "fuse_act_padding": "vllm_fusion:RMSNormPadFusionPass",
     "fuse_norm_quant": "vllm_fusion:RMSNormQuantFusionPass",
     "fuse_act_quant": "vllm_fusion:ActivationQuantFusionPass",
 }

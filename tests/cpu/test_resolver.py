@@ -15,30 +15,37 @@ SCHEMES = ("unquantized", "fp8-static", "fp8-per-token", "fp8-group", "nvfp4")
 NINE = ("enable_sp", "fuse_gemm_comms", "fuse_act_padding", "fuse_allreduce_rms",
         "fuse_norm_quant", "fuse_act_quant", "fuse_rope_kvcache", "fuse_attn_quant",
         "enable_qk_norm_rope_fusion")
-OWNED = ("fuse_norm_quant", "fuse_act_quant")
+QUANT_OWNED = ("fuse_norm_quant", "fuse_act_quant")
+OWNED = ("fuse_act_padding", *QUANT_OWNED)
 
 # Expectations written out independently of matrix.toml.
 FP8_PLATFORMS = {"sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950"}
 # Schemes the package fuses by default (the H100 verdicts, inherited elsewhere).
 WINS = {"fuse_norm_quant": {"fp8-group"}, "fuse_act_quant": {"fp8-per-token", "fp8-group"}}
 AR_PLATFORMS = {"sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
+# Where the package's norm+pad kernel is built (provisional verdict: fused for every scheme).
+PAD_PLATFORMS = {"sm80", "sm89", "sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
 
 CELLS = list(itertools.product(PLATFORMS, (1, 2), SCHEMES, (0, 1, 2, 3)))
 
 
 def expected_enabled(flag: str, platform: str, tp: int, level: int) -> bool:
+    if flag == "fuse_act_padding":
+        return level >= 1 and platform in PAD_PLATFORMS
     if flag in OWNED:
         return level >= 1 and platform in FP8_PLATFORMS
     if flag == "fuse_allreduce_rms":  # vLLM 0.26: enable_allreduce_rms_fusion at -O2+
         return level >= 2 and tp > 1 and platform in AR_PLATFORMS
-    # Off by default everywhere in vLLM 0.26 (or, for fuse_rope_kvcache and
-    # fuse_act_padding, off without +rotary_embedding / AITER norm priority + gpt-oss).
+    # Off by default everywhere in vLLM 0.26 (or, for fuse_rope_kvcache, off without
+    # +rotary_embedding).
     return False
 
 
 def expected_status(flag: str, platform: str, tp: int, scheme: str, level: int) -> str:
     if not expected_enabled(flag, platform, tp, level):
         return "off"
+    if flag == "fuse_act_padding":
+        return "on"  # independent of the GEMM quantization
     if flag in OWNED:
         # NVFP4 SiLU*Mul: vLLM's own pass keeps the fusion (the package has no kernel).
         vllm_keeps = flag == "fuse_act_quant" and scheme == "nvfp4"
@@ -67,7 +74,7 @@ def test_measured_verdicts_kept():
     m = load_matrix()
     assert m["fuse_norm_quant"].winning_schemes("sm90") == ("fp8-group",)
     assert m["fuse_act_quant"].winning_schemes("sm90") == ("fp8-per-token", "fp8-group")
-    for flag in OWNED:
+    for flag in QUANT_OWNED:
         for name in ("fp8-static", "fp8-per-token", "fp8-group"):
             assert m[flag].schemes[name].measured.startswith("H100 80GB HBM3, 2026-11-27")
 
@@ -96,7 +103,7 @@ def test_explicit_false_always_wins(platform, tp, scheme, level):
     ("fuse_norm_quant", "sm80", 1, "FP8 activation quantization"),
     ("fuse_act_quant", "gfx90a", 2, "FP8 activation quantization"),
     ("fuse_rope_kvcache", "sm90", 1, "forces it off on CUDA"),
-    ("fuse_act_padding", "sm100", 1, "off-ROCm"),
+    ("fuse_act_padding", "sm120", 1, "not SM120"),
     ("fuse_allreduce_rms", "sm90", 1, "needs TP>=2"),
     ("fuse_allreduce_rms", "sm80", 2, "FI_ALLREDUCE_FUSION_MAX_SIZE_MB"),
     ("fuse_allreduce_rms", "sm90", 3, "TP in (2, 4, 8, 16)"),
@@ -156,12 +163,17 @@ def test_rope_kvcache_follows_vllms_predicate_on_rocm():
     assert not resolve_fusion("fuse_rope_kvcache", simulated_setup("sm90", **base)).enabled
 
 
-def test_act_padding_follows_vllms_predicate_on_rocm():
-    setup = simulated_setup("gfx950", level=1, fused_add_rms_norm_priority="aiter",
-                            hidden_size=2880)
-    assert resolve_fusion("fuse_act_padding", setup).enabled
-    assert not resolve_fusion("fuse_act_padding",
-                              simulated_setup("gfx950", hidden_size=2880)).enabled
+def test_act_padding_runs_the_package_kernel_beyond_vllms_rocm_predicate():
+    # vLLM 0.26: ROCm, AITER norm priority and hidden size 2880 only. The package: any hidden
+    # size, CUDA too, no AITER needed; provisional until measured, so marked as such.
+    for platform in ("sm90", "gfx942"):
+        d = resolve_fusion("fuse_act_padding", simulated_setup(
+            platform, level=1, hidden_size=4096, has_aiter=False))
+        assert d.enabled and d.implementation == "vllm_fusion" and d.status == "on"
+        assert "provisional" in d.reason
+    no_kernels = resolve_fusion("fuse_act_padding", simulated_setup("sm90", kernels_loaded=False))
+    assert not no_kernels.enabled and "kernels not loaded" in no_kernels.reason
+    assert load_matrix()["fuse_act_padding"].winning_schemes("sm90") == SCHEMES
 
 
 def test_package_options_in_the_decision():
@@ -188,7 +200,7 @@ def test_package_options_in_the_decision():
      "families from fp8-static, fp8-per-token, fp8-group"),
     ({"schemes": {"fuse_allreduce_rms": []}},
      "unknown fusion 'fuse_allreduce_rms' in additional_config[\"vllm_fusion\"][\"schemes\"]; "
-     "allowed: fuse_norm_quant, fuse_act_quant"),
+     "allowed: fuse_act_padding, fuse_norm_quant, fuse_act_quant"),
     ({"schemes": ["fp8-group"]},
      'additional_config["vllm_fusion"]["schemes"] must be object, got'),
     ({"token_range": {"fuse_act_quant": [0, 10]}},

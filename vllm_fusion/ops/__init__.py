@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from vllm_fusion.ops import act_quant, norm_quant
+from vllm_fusion.ops import act_quant, norm_pad, norm_quant
 from vllm_fusion.ops.act_quant import (
     silu_and_mul_dynamic_fp8_quant_ref,
     silu_and_mul_ref,
@@ -27,6 +27,7 @@ from vllm_fusion.ops.fp8 import (
     per_token_fp8_quant_ref,
     static_fp8_quant_ref,
 )
+from vllm_fusion.ops.norm_pad import fused_add_rms_norm_pad_ref, rms_norm_pad_ref
 from vllm_fusion.ops.norm_quant import (
     fused_add_rms_norm_dynamic_fp8_quant_ref,
     fused_add_rms_norm_ref,
@@ -37,7 +38,7 @@ from vllm_fusion.ops.norm_quant import (
 )
 
 NAMESPACE = "vllm_fusion"
-OPS = norm_quant.OPS + act_quant.OPS
+OPS = norm_quant.OPS + act_quant.OPS + norm_pad.OPS
 
 _fakes_registered = False
 
@@ -67,6 +68,7 @@ def register_fakes() -> bool:
             return False
     norm_quant.register_fakes()
     act_quant.register_fakes()
+    norm_pad.register_fakes()
     _fakes_registered = True
     return True
 
@@ -80,6 +82,7 @@ __all__ = [
     "fp8_max",
     "fp8_min_scale",
     "fused_add_rms_norm_dynamic_fp8_quant_ref",
+    "fused_add_rms_norm_pad_ref",
     "fused_add_rms_norm_ref",
     "fused_add_rms_norm_static_fp8_quant_ref",
     "ops_defined",
@@ -87,6 +90,7 @@ __all__ = [
     "per_token_fp8_quant_ref",
     "register_fakes",
     "rms_norm_dynamic_fp8_quant_ref",
+    "rms_norm_pad_ref",
     "rms_norm_ref",
     "rms_norm_static_fp8_quant_ref",
     "silu_and_mul_dynamic_fp8_quant_ref",

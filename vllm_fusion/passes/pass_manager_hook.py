@@ -25,8 +25,17 @@ logger = init_logger(__name__)
 PASS_MANAGER_MODULE = "vllm.compilation.passes.pass_manager"
 _WRAPPED = "__vllm_fusion_wrapped__"
 
-# vLLM pass class name -> position of its fusion in vLLM's order.
+# vLLM pass class name / fusion flag -> position of its fusion in vLLM's order.
 _RANK = {name: rank for rank, f in enumerate(FUSIONS) for name in f.vllm_passes}
+_FLAG_RANK = {f.flag: rank for rank, f in enumerate(FUSIONS)}
+
+
+def _rank_of(p) -> int:
+    """Position in vLLM's order of the fusion a pass (vLLM's or the package's) serves."""
+    rank = _RANK.get(type(p).__name__)
+    if rank is None:  # the package's passes carry their flag
+        rank = _FLAG_RANK.get(getattr(p, "flag", None), len(FUSIONS))
+    return rank
 
 
 def _insert_position(passes: list, fusion: Fusion) -> int:
@@ -34,8 +43,7 @@ def _insert_position(passes: list, fusion: Fusion) -> int:
     rank = FUSIONS.index(fusion)
     position = 0
     for i, p in enumerate(passes):
-        name = type(p).__name__
-        if name == "NoOpEliminationPass" or _RANK.get(name, len(FUSIONS)) < rank:
+        if type(p).__name__ == "NoOpEliminationPass" or _rank_of(p) < rank:
             position = i + 1
     return position
 
@@ -182,6 +190,39 @@ def install_level_defaults() -> None:
         for flag in sorted(implemented & set(load_matrix())):
             if int(level) > 0 and flag in pass_defaults:
                 pass_defaults[flag] = autoconfig(flag)
+
+
+# PassConfig flags vLLM 0.26 forces off off-ROCm (PassConfig.__post_init__) that the package
+# runs elsewhere too.
+VLLM_ROCM_ONLY_FLAGS = ("fuse_act_padding",)
+
+
+def install_pass_config_hook() -> None:
+    """Keep an explicit True of ``VLLM_ROCM_ONLY_FLAGS`` through vLLM's platform gate.
+
+    The package's resolver then decides from the matrix whether this platform runs the
+    fusion (and warns once if it cannot), as for every fusion the package implements.
+    """
+    from vllm.config.compilation import PassConfig
+
+    original = PassConfig.__post_init__
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self) -> None:
+        kept = [flag for flag in VLLM_ROCM_ONLY_FLAGS if getattr(self, flag, None) is True]
+        # Hidden from vLLM's gate (unset), so that it neither turns them off nor warns.
+        for flag in kept:
+            setattr(self, flag, None)
+        try:
+            original(self)
+        finally:
+            for flag in kept:
+                setattr(self, flag, True)
+
+    setattr(__post_init__, _WRAPPED, True)
+    PassConfig.__post_init__ = __post_init__
 
 
 def _current_settings_digest() -> str:

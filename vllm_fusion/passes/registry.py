@@ -30,7 +30,11 @@ class Fusion:
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("enable_sp", ("SequenceParallelismPass",)),
     Fusion("fuse_gemm_comms", ("AsyncTPPass",)),
-    Fusion("fuse_act_padding", ("RocmAiterTritonAddRMSNormPadFusionPass",)),
+    Fusion(
+        "fuse_act_padding",
+        ("RocmAiterTritonAddRMSNormPadFusionPass",),
+        "vllm_fusion.passes.rms_pad_fusion:RMSNormPadFusionPass",
+    ),
     Fusion("fuse_allreduce_rms", ("AllReduceFusionPass", "RocmAiterAllReduceFusionPass")),
     Fusion(
         "fuse_norm_quant",
