@@ -184,6 +184,29 @@ def install_level_defaults() -> None:
                 pass_defaults[flag] = autoconfig(flag)
 
 
+def install_config_validation() -> None:
+    """Check ``additional_config["vllm_fusion"]`` whenever vLLM builds its config.
+
+    The API server builds it before any worker starts, so a bad option stops
+    ``vllm serve`` at startup at every optimization level (-O0 runs no pass that
+    would read the options later)."""
+    from vllm.config import VllmConfig
+
+    from vllm_fusion.config import parse_options
+
+    original = VllmConfig.__post_init__
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self) -> None:
+        parse_options(self.additional_config)
+        original(self)
+
+    setattr(__post_init__, _WRAPPED, True)
+    VllmConfig.__post_init__ = __post_init__
+
+
 def _current_settings_digest() -> str:
     from vllm.config import get_current_vllm_config_or_none
 
