@@ -17,7 +17,7 @@ reference), then ``--concurrency`` loopback clients send greedy requests (``temp
 connection errors, short answers, error lines in the server logs, latencies; and, per request,
 whether its tokens equal the unfused server's reference tokens for the same prompt. With
 ``--parallel`` (the default) both servers run at once, each on ``--gpu-memory-utilization`` of the
-card, so the whole test takes about one startup plus ``--duration``.
+card: they start one after the other, then take load at the same time.
 
 Writes ``sustained_load.json`` and ``sustained_load.md`` (a section for docs/reliability.md)
 into ``--out``; exits 1 on any error, or on a token mismatch unless ``--allow-token-mismatch``.
@@ -78,6 +78,8 @@ class Server:
     log_path: Path
     process: subprocess.Popen | None = None
     startup_s: float = 0.0
+    # Log size when the load ended: what the shutdown logs afterwards is not judged.
+    log_end: int | None = None
 
     @property
     def url(self) -> str:
@@ -122,6 +124,8 @@ class Server:
 
     def log_findings(self) -> dict:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if self.log_end is not None:
+            text = text[:self.log_end]
         lines = text.splitlines()
         return {
             "error_lines": [l for l in lines if any(m in l for m in ERROR_MARKERS)][:20],
@@ -360,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_servers(args) -> tuple[Server, Server]:
     tokenizer = args.tokenizer or args.model
     memory = args.gpu_memory_utilization if args.parallel else 0.9
-    base = ["--model", args.model, "--tokenizer", tokenizer, "--load-format", "dummy",
+    base = [args.model, "--tokenizer", tokenizer, "--load-format", "dummy",
             "--served-model-name", "model", "--gpu-memory-utilization", str(memory),
             *shlex.split(args.common_args)]
     fused = Server("fused", args.port, base + shlex.split(args.fused_args), server_env(True),
@@ -375,39 +379,48 @@ def run(args) -> dict:
     prompts = make_prompts(args.prompts)
     fused, unfused = make_servers(args)
     results: dict[str, tuple] = {}
+    failures: dict[str, str] = {}
+    order = [unfused, fused]
 
-    def serve(server: Server) -> None:
-        """Start, reference pass, sustained load, stop."""
-        server.start()
+    def exercise(server: Server) -> None:
+        """Reference pass, then sustained load."""
         try:
-            server.wait_ready(args.startup_timeout)
             ref = reference(server, "model", prompts, args)
             load, wall = sustained(server, "model", prompts, args)
             results[server.name] = (ref, load, wall)
-        finally:
-            server.stop()
+            server.log_end = len(server.log_path.read_text(errors="replace"))
+        except Exception as e:
+            failures[server.name] = f"{type(e).__name__}: {e}"
+
+    def start(server: Server) -> bool:
+        server.start()
+        try:
+            server.wait_ready(args.startup_timeout)
+            return True
+        except Exception as e:
+            failures[server.name] = f"{type(e).__name__}: {e}"
+            return False
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    failures: dict[str, str] = {}
-    order = [unfused, fused]
-    if args.parallel:
-        def guarded(server):
-            try:
-                serve(server)
-            except Exception as e:
-                failures[server.name] = f"{type(e).__name__}: {e}"
-
-        threads = [threading.Thread(target=guarded, args=(s,)) for s in order]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
+    try:
+        if args.parallel:
+            # Started one after the other: vLLM sizes its KV cache from the memory it sees
+            # while profiling, which the other server's startup would disturb. Then both
+            # take load at once.
+            ready = [s for s in order if start(s)]
+            threads = [threading.Thread(target=exercise, args=(s,)) for s in ready]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for server in order:
+                if start(server):
+                    exercise(server)
+                server.stop()
+    finally:
         for server in order:
-            try:
-                serve(server)
-            except Exception as e:
-                failures[server.name] = f"{type(e).__name__}: {e}"
+            server.stop()
 
     unfused_ref = results["unfused"][0] if "unfused" in results else None
     servers = []
