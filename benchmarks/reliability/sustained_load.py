@@ -15,9 +15,9 @@ Both get the same deterministic prompts. First each server answers every prompt 
 reference), then ``--concurrency`` loopback clients send greedy requests (``temperature 0``,
 ``ignore_eos``, ``--max-tokens`` tokens) for ``--duration`` seconds. Recorded: HTTP and
 connection errors, short answers, error lines in the server logs, latencies; and, per request,
-whether its tokens equal the unfused server's reference tokens for the same prompt. With
-``--parallel`` (the default) both servers run at once, each on ``--gpu-memory-utilization`` of the
-card: they start one after the other, then take load at the same time.
+whether its tokens equal the unfused server's reference tokens for the same prompt. By default
+both servers share the card, each with ``--gpu-memory-utilization`` of it: they start in turn,
+then take load at once (``--no-parallel``: one whole run after the other).
 
 Writes ``sustained_load.json`` and ``sustained_load.md`` (a section for docs/reliability.md)
 into ``--out``; exits 1 on any error, or on a token mismatch unless ``--allow-token-mismatch``.
