@@ -52,6 +52,13 @@ UNFUSED_ARGS = "-cc.pass_config.fuse_norm_quant=False -cc.pass_config.fuse_act_q
 # Lines of a server log that mean something went wrong while serving.
 ERROR_MARKERS = ("Traceback (most recent call last)", " ERROR ", "CUDA error", "EngineDeadError")
 
+
+
+def is_error_line(line: str) -> bool:
+    # vLLM prefixes lines of its child processes with "(EngineCore pid=...) ".
+    return line.startswith("ERROR ") or any(m in line for m in ERROR_MARKERS)
+
+
 WORDS = ("the quick brown fox jumps over the lazy dog while seven engineers measure "
          "kernels on a warm afternoon and write down every number they see").split()
 
@@ -128,7 +135,7 @@ class Server:
             text = text[:self.log_end]
         lines = text.splitlines()
         return {
-            "error_lines": [l for l in lines if any(m in l for m in ERROR_MARKERS)][:20],
+            "error_lines": [l for l in lines if is_error_line(l)][:20],
             "plugin_line": next((l.strip() for l in lines if "vllm_fusion " in l
                                  and "fusions:" in l), None),
             "fusion_warnings": [l.strip() for l in lines if "vllm_fusion:" in l

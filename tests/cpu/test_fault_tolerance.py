@@ -131,3 +131,28 @@ def test_a_fault_on_every_graph_warns_once_per_error(monkeypatch, warnings_logge
     assert norm_pass.matched_count == 0
     assert len(rewrite_failures(warnings_logged())) == 1
     assert modules[0](torch.ones(2)).tolist() == [2.0, 2.0]
+
+
+def test_a_bug_in_resolving_the_settings_keeps_vllms_passes(monkeypatch, warnings_logged):
+    import vllm.envs as envs
+    from vllm.config import set_current_vllm_config
+
+    from tests.cpu.compile_harness import configured_pass_manager, pass_key
+    from vllm_fusion.passes import pass_manager_hook
+
+    def broken(config):
+        raise KeyError("injected resolver fault")
+
+    monkeypatch.setattr(pass_manager_hook, "resolve", broken)
+    pass_manager_hook.install_compile_factors_hook()
+    config = make_vllm_config(custom_ops=["+quant_fp8"],
+                              pass_config={"fuse_norm_quant": True, "fuse_act_quant": True})
+    with set_current_vllm_config(config):
+        manager = configured_pass_manager(config)
+        factors = envs.compile_factors()
+    assert [pass_key(p) for p in manager.passes] == [
+        "vllm:NoOpEliminationPass", "vllm:RMSNormQuantFusionPass",
+        "vllm:ActivationQuantFusionPass"]
+    assert factors["VLLM_FUSION_SETTINGS"].startswith("unresolved: KeyError")
+    assert any("could not resolve its settings (KeyError: 'injected resolver fault')" in m
+               for m in warnings_logged())

@@ -105,3 +105,18 @@ def test_counts_errors_short_answers_and_token_differences(load, tmp_path):
               "servers": [vars(unfused), vars(fused)]}
     text = load.markdown(report)
     assert "| fused | 1.0 |" in text and "Verdict: **FAIL**" in text
+
+
+def test_error_lines_of_the_server_log_are_found(load, tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO 11-27 10:00:00 [api_server.py:1] ready\n"
+                   "ERROR 11-27 10:00:01 [core.py:9] EngineCore failed\n"
+                   "(EngineCore pid=7) ERROR 11-27 10:00:02 [core.py:9] boom\n"
+                   "WARNING 11-27 10:00:03 [x.py:1] vllm_fusion: fuse_norm_quant (p) failed\n"
+                   "ERROR 11-27 10:00:04 [launcher.py:1] shutdown noise\n")
+    server = load.Server("fused", 0, [], {}, log)
+    server.log_end = log.read_text().index("ERROR 11-27 10:00:04")
+    findings = server.log_findings()
+    assert [l.split("]")[1].strip() for l in findings["error_lines"]] == [
+        "EngineCore failed", "boom"]
+    assert len(findings["fusion_warnings"]) == 1
