@@ -125,7 +125,7 @@ def test_scheme_the_matrix_leaves_to_inductor_keeps_vllms_graph_exactly():
                                pass_config={"fuse_norm_quant": False, "fuse_act_quant": False})
     assert plugin.matches == {NORM_PASS: 0, ACT_PASS: 0}
     assert NORM_PASS not in vllm_alone.matches
-    assert plugin.code == vllm_alone.code
+    assert plugin.graph_after == vllm_alone.graph_after
     assert plugin.ops_after == vllm_alone.ops_after
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_fusion.ops.checks import check_act_input, check_scale_scalar
 from vllm_fusion.ops.fp8 import (
     check_dynamic_args,
     dynamic_fp8_quant_ref,
@@ -52,24 +53,29 @@ def silu_and_mul_dynamic_fp8_quant_ref(
 
 
 def _out_shape(input: torch.Tensor) -> tuple[int, ...]:
-    if input.shape[-1] % 2:
-        raise RuntimeError(
-            f"input last dim must be even ([gate | up] halves), got {input.shape[-1]}"
-        )
     return (*input.shape[:-1], input.shape[-1] // 2)
 
 
 def register_fakes() -> None:
-    """Called once by vllm_fusion.ops after the library defined the ops."""
+    """Called once by vllm_fusion.ops after the library defined the ops.
+
+    Each fake runs the kernel's input checks first (vllm_fusion.ops.checks)."""
 
     @torch.library.register_fake("vllm_fusion::silu_and_mul_static_fp8_quant")
     def _silu_and_mul_static_fp8_quant_fake(input, scale):
+        op = "silu_and_mul_static_fp8_quant"
+        check_act_input(op, input)
+        check_scale_scalar(op, "scale", scale, input)
         return input.new_empty(_out_shape(input), dtype=fp8_dtype(input.device))
 
     @torch.library.register_fake("vllm_fusion::silu_and_mul_dynamic_fp8_quant")
     def _silu_and_mul_dynamic_fp8_quant_fake(
         input, group_size, scale_transposed, scale_ue8m0, scale_ub
     ):
+        op = "silu_and_mul_dynamic_fp8_quant"
+        check_act_input(op, input)
+        if scale_ub is not None:
+            check_scale_scalar(op, "scale_ub", scale_ub, input)
         shape = _out_shape(input)
         check_dynamic_args(shape[-1], group_size, scale_transposed, scale_ue8m0, input.dim())
         q = input.new_empty(shape, dtype=fp8_dtype(input.device))

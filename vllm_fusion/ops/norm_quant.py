@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_fusion.ops.checks import check_norm_args, check_scale_scalar
 from vllm_fusion.ops.fp8 import (
     check_dynamic_args,
     dynamic_fp8_quant_ref,
@@ -117,14 +118,22 @@ def _fake_dynamic(input, group_size, scale_transposed, scale_ue8m0):
 
 
 def register_fakes() -> None:
-    """Called once by vllm_fusion.ops after the library defined the ops."""
+    """Called once by vllm_fusion.ops after the library defined the ops.
+
+    Each fake runs the kernel's input checks first (vllm_fusion.ops.checks)."""
 
     @torch.library.register_fake("vllm_fusion::rms_norm_static_fp8_quant")
     def _rms_norm_static_fp8_quant_fake(input, weight, scale, epsilon):
+        op = "rms_norm_static_fp8_quant"
+        check_norm_args(op, input, None, weight)
+        check_scale_scalar(op, "scale", scale, input)
         return input.new_empty(input.shape, dtype=fp8_dtype(input.device))
 
     @torch.library.register_fake("vllm_fusion::fused_add_rms_norm_static_fp8_quant")
     def _fused_add_rms_norm_static_fp8_quant_fake(input, residual, weight, scale, epsilon):
+        op = "fused_add_rms_norm_static_fp8_quant"
+        check_norm_args(op, input, residual, weight)
+        check_scale_scalar(op, "scale", scale, input)
         q = input.new_empty(input.shape, dtype=fp8_dtype(input.device))
         return q, input.new_empty(input.shape)
 
@@ -132,11 +141,19 @@ def register_fakes() -> None:
     def _rms_norm_dynamic_fp8_quant_fake(
         input, weight, epsilon, group_size, scale_transposed, scale_ue8m0, scale_ub
     ):
+        op = "rms_norm_dynamic_fp8_quant"
+        check_norm_args(op, input, None, weight)
+        if scale_ub is not None:
+            check_scale_scalar(op, "scale_ub", scale_ub, input)
         return _fake_dynamic(input, group_size, scale_transposed, scale_ue8m0)
 
     @torch.library.register_fake("vllm_fusion::fused_add_rms_norm_dynamic_fp8_quant")
     def _fused_add_rms_norm_dynamic_fp8_quant_fake(
         input, residual, weight, epsilon, group_size, scale_transposed, scale_ue8m0, scale_ub
     ):
+        op = "fused_add_rms_norm_dynamic_fp8_quant"
+        check_norm_args(op, input, residual, weight)
+        if scale_ub is not None:
+            check_scale_scalar(op, "scale_ub", scale_ub, input)
         q, scales = _fake_dynamic(input, group_size, scale_transposed, scale_ue8m0)
         return q, input.new_empty(input.shape), scales

@@ -15,12 +15,10 @@ from vllm.compilation.passes.fusion.matcher_utils import MatcherSiluAndMul
 from vllm.config import VllmConfig
 
 from vllm_fusion.config import FusionSettings
+from vllm_fusion.ops import checks
+from vllm_fusion.ops.fp8 import check_dynamic_args
 from vllm_fusion.passes.base import FusionPass, FusionPattern
-from vllm_fusion.passes.quant_schemes import (
-    FP8Scheme,
-    fake_value,
-    last_dim_contiguous,
-)
+from vllm_fusion.passes.quant_schemes import FP8Scheme, fake_value
 
 _OPS = torch.ops.vllm_fusion
 
@@ -39,14 +37,21 @@ class SiluMulQuantPattern(FusionPattern):
         return f"silu_and_mul+{self.scheme}"
 
     def extra_check(self, match: pm.Match) -> bool:
+        """Fuse only inputs the kernel accepts: it checks them exactly like this."""
         x = fake_value(match, "x")
-        return (
-            x is not None
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and last_dim_contiguous(x)
-            and x.shape[-1] % 2 == 0
-            and self.scheme.hidden_ok(x.shape[-1] // 2)
-        )
+        scale = fake_value(match, "scale") if self.scheme.static else None
+        if x is None or (self.scheme.static and scale is None):
+            return False
+        return checks.accepts(self._check_kernel_inputs, x, scale)
+
+    def _check_kernel_inputs(self, x, scale) -> None:
+        op = "silu_and_mul_quant"
+        checks.check_act_input(op, x)
+        if scale is not None:
+            checks.check_scale_scalar(op, "scale", scale, x)
+        else:
+            group, transposed, e8m0 = self.scheme.op_args(self.quant)
+            check_dynamic_args(x.shape[-1] // 2, group, transposed, e8m0, x.dim())
 
     def get_inputs(self) -> list[torch.Tensor]:
         inputs = [torch.empty(_TOKENS, _WIDTH, dtype=self.dtype, device="cuda")]

@@ -3,7 +3,9 @@
 ``FusionPass`` is vLLM's pattern-matcher pass (match counting, ``match_table``,
 graph dumps, timing) with two additions: patterns may carry an ``extra_check``
 (the kernel's shape and dtype limits), and ``uuid()`` changes with the package
-version, the kernel library and the resolved settings.
+version, the kernel library and the resolved settings. A pass that raises while
+rewriting puts the graph back as it was and logs one warning: the model then
+compiles unfused instead of vLLM failing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vllm.config import VllmConfig
 from vllm_fusion import _kernels
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
+from vllm_fusion.passes import graph_snapshot
 from vllm_fusion.passes.quant_schemes import FP8_SCHEMES, FP8Scheme
 from vllm_fusion.version import __version__
 
@@ -55,6 +58,7 @@ class FusionPass(VllmFusionPatternMatcherPass):
         super().__init__(config, self.name)
         self.settings = settings
         self.matched_count = 0
+        self._rewrite_errors: set[str] = set()
 
     def pattern_dtype(self) -> torch.dtype:
         """Activation dtype the patterns are traced with: the model's, if 16-bit."""
@@ -87,9 +91,29 @@ class FusionPass(VllmFusionPatternMatcherPass):
 
     @VllmInductorPass.time_and_log
     def __call__(self, graph: torch.fx.Graph) -> None:
-        self.matched_count = self.pm_pass.apply(graph)
+        saved = graph_snapshot.snapshot(graph)
+        try:
+            matched = self.pm_pass.apply(graph)
+        except Exception as e:  # a broken rewrite must never stop vLLM
+            graph_snapshot.restore(graph, saved)
+            self.matched_count = 0
+            self._warn_rewrite_failed(e)
+            return
+        self.matched_count = matched
         VllmPatternMatcherPass.match_table[self.pass_name] += self.matched_count
         logger.debug("%s: Replaced %s patterns", self.pass_name, self.matched_count)
+
+    def _warn_rewrite_failed(self, error: Exception) -> None:
+        """One warning per distinct error: every piece of a model would repeat it."""
+        message = f"{type(error).__name__}: {error}"
+        logger.debug("%s failed while rewriting", self.pass_name, exc_info=error)
+        if message in self._rewrite_errors:
+            return
+        self._rewrite_errors.add(message)
+        logger.warning(
+            "vllm_fusion: %s (%s) failed while rewriting a graph (%s); that graph is "
+            "left unfused", self.flag, self.name, message,
+        )
 
     def _pattern_types(self) -> list[type]:
         types = {type(pr) for pr in self._pattern_replacements}

@@ -15,7 +15,7 @@ import importlib.machinery
 import sys
 
 from vllm_fusion import _kernels
-from vllm_fusion.config import FusionSettings, autoconfig, resolve
+from vllm_fusion.config import FusionConfigError, FusionSettings, autoconfig, resolve
 from vllm_fusion.logger import init_logger
 from vllm_fusion.passes.registry import FUSIONS, Fusion
 from vllm_fusion.version import __version__
@@ -106,7 +106,17 @@ def flags_turned_off(pass_config, flags: list[str]):
 
 def configure_with_package_passes(original, manager, config) -> None:
     """``PostGradPassManager.configure`` with the package's passes swapped in."""
-    settings = resolve(config)  # a bad configuration stops vLLM here, by design
+    try:
+        settings = resolve(config)
+    except FusionConfigError:
+        raise  # a bad configuration stops vLLM, by design (startup has checked it already)
+    except Exception as e:  # a bug of the package: compile with vLLM's passes only
+        logger.warning(
+            "vllm_fusion: could not resolve its settings (%s: %s); compiling with vLLM's "
+            "passes only", type(e).__name__, e,
+        )
+        original(manager, config)
+        return
     try:
         ours = build_package_passes(config, settings)
     except Exception as e:  # never stop vLLM: compile with its passes only
@@ -225,11 +235,41 @@ def install_pass_config_hook() -> None:
     PassConfig.__post_init__ = __post_init__
 
 
+def install_config_validation() -> None:
+    """Check ``additional_config["vllm_fusion"]`` whenever vLLM builds its config.
+
+    The API server builds it before any worker starts, so a bad option stops
+    ``vllm serve`` at startup at every optimization level (-O0 runs no pass that
+    would read the options later)."""
+    from vllm.config import VllmConfig
+
+    from vllm_fusion.config import parse_options
+
+    original = VllmConfig.__post_init__
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self) -> None:
+        parse_options(self.additional_config)
+        original(self)
+
+    setattr(__post_init__, _WRAPPED, True)
+    VllmConfig.__post_init__ = __post_init__
+
+
 def _current_settings_digest() -> str:
     from vllm.config import get_current_vllm_config_or_none
 
     config = get_current_vllm_config_or_none()
-    return resolve(config).digest() if config is not None else "no-config"
+    if config is None:
+        return "no-config"
+    try:
+        return resolve(config).digest()
+    except FusionConfigError:
+        raise
+    except Exception as e:  # the configure hook then keeps vLLM's passes: say so in the key
+        return f"unresolved: {type(e).__name__}: {e}"
 
 
 def install_compile_factors_hook() -> None:

@@ -18,12 +18,13 @@ import vllm.ir.ops
 from vllm.config import VllmConfig
 
 from vllm_fusion.config import FusionSettings
+from vllm_fusion.ops import checks
+from vllm_fusion.ops.fp8 import check_dynamic_args
 from vllm_fusion.passes.base import FusionPass, FusionPattern
 from vllm_fusion.passes.quant_schemes import (
     EPSILONS,
     FP8Scheme,
     fake_value,
-    last_dim_contiguous,
 )
 
 _OPS = torch.ops.vllm_fusion
@@ -47,15 +48,24 @@ class RMSNormQuantPattern(FusionPattern):
         return f"{add}rms_norm+{self.scheme}@eps={self.epsilon}"
 
     def extra_check(self, match: pm.Match) -> bool:
+        """Fuse only inputs the kernel accepts: it checks them exactly like this."""
         x, weight = fake_value(match, "x"), fake_value(match, "weight")
-        if x is None or weight is None:
+        residual = fake_value(match, "residual") if self.fused_add else None
+        scale = fake_value(match, "scale") if self.scheme.static else None
+        if x is None or weight is None or (self.fused_add and residual is None) or (
+            self.scheme.static and scale is None
+        ):
             return False
-        return (
-            x.dtype == weight.dtype  # the kernel takes one dtype for both
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and last_dim_contiguous(x)
-            and self.scheme.hidden_ok(x.shape[-1])
-        )
+        return checks.accepts(self._check_kernel_inputs, x, residual, weight, scale)
+
+    def _check_kernel_inputs(self, x, residual, weight, scale) -> None:
+        op = "fused_add_rms_norm_quant" if self.fused_add else "rms_norm_quant"
+        checks.check_norm_args(op, x, residual, weight)
+        if scale is not None:
+            checks.check_scale_scalar(op, "scale", scale, x)
+        else:
+            group, transposed, e8m0 = self.scheme.op_args(self.quant)
+            check_dynamic_args(x.shape[-1], group, transposed, e8m0, x.dim())
 
     def get_inputs(self) -> list[torch.Tensor]:
         x = torch.empty(_TOKENS, _HIDDEN, dtype=self.dtype, device="cuda")

@@ -1,0 +1,182 @@
+"""Randomized tests of every torch.ops.vllm_fusion kernel (hypothesis): shapes (0 and 1
+token, odd and unaligned hidden sizes, 3-D inputs, padded rows), dtypes and quant
+arguments drawn at random, each output compared with the torch reference. The memory
+the op allocates its outputs from is filled with 0xFF first (NaN in every output dtype),
+so an element the kernel does not write shows up as NaN or a mismatch.
+
+Bounded: about 200 examples in all, well under two minutes on an H100. A failure prints
+the drawn arguments and the torch seed; hypothesis replays it on the next run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from vllm_fusion import _kernels  # noqa: E402
+
+_status = _kernels.load()
+if not _status.loaded:
+    pytest.skip(_status.describe(), allow_module_level=True)
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vllm_fusion import ops as vf  # noqa: E402
+
+OPS = torch.ops.vllm_fusion
+EXAMPLES = 50
+# The fixtures used here are stateless helpers: sharing them between examples is fine.
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+DTYPES = st.sampled_from([torch.bfloat16, torch.float16])
+# Leading dims: 0 and 1 token often, up to a few hundred rows, sometimes [batch, seq].
+LEADING = st.one_of(
+    st.sampled_from([(0,), (1,)]),
+    st.integers(2, 300).map(lambda n: (n,)),
+    st.tuples(st.integers(1, 3), st.integers(0, 40)),
+)
+# Extra elements at the end of each row: 0 (contiguous), a whole vector (strided but
+# aligned), or 3 (rows not 16-byte aligned: the kernels' scalar path).
+ROW_PAD = st.sampled_from([0, 0, 8, 3])
+
+
+def widths(group: int, max_width: int) -> st.SearchStrategy[int]:
+    """Widths the kernel accepts for ``group``: any for per-tensor/per-token, odd ones too."""
+    if group:
+        return st.integers(1, max_width // group).map(lambda k: k * group)
+    return st.one_of(st.sampled_from([1, 7, 8, 2880, 5000]), st.integers(1, max_width))
+
+
+@st.composite
+def quant_args(draw):
+    """(group, scale_transposed, scale_ue8m0, use_scale_ub) of a dynamic-quant call."""
+    group = draw(st.sampled_from([0, 64, 128]))
+    transposed = draw(st.booleans())
+    ue8m0 = bool(group) and draw(st.booleans())
+    use_ub = group == 0 and draw(st.booleans())
+    return group, transposed, ue8m0, use_ub
+
+
+def _tensor(gen, leading, width, pad, dtype, exact):
+    """Random values of shape leading + (width,), rows ``pad`` elements apart beyond width.
+
+    exact: multiples of 1/8 up to +-2, whose sums of squares are exact in fp32 (the kernel
+    and torch then agree bit for bit on the variance); else normal values."""
+    shape = (*leading, width + pad)
+    if exact:
+        k = torch.randint(1, 17, shape, device="cuda", generator=gen)
+        sign = torch.randint(0, 2, shape, device="cuda", generator=gen) * 2 - 1
+        full = (k * sign / 8).to(dtype)
+    else:
+        full = (torch.randn(shape, device="cuda", generator=gen) * 2).to(dtype)
+    return full[..., :width]
+
+
+def _poison_outputs(poison, leading, width, n_scales):
+    rows = 1
+    for n in leading:
+        rows *= n
+    poison(rows * width, rows * width * 2, rows * n_scales * 4)
+
+
+def _seeded(seed):
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(seed)
+    return gen
+
+
+@SETTINGS
+@given(dtype=DTYPES, leading=LEADING, pad=ROW_PAD, residual=st.booleans(),
+       eps=st.sampled_from([1e-5, 1e-6]), exact=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       data=st.data())
+def test_rms_norm_static_fp8_quant(poison, fp8_close, dtype, leading, pad, residual, eps, exact,
+                                   seed, data):
+    width = data.draw(widths(0, 8192), label="hidden")
+    gen = _seeded(seed)
+    x = _tensor(gen, leading, width, pad, dtype, exact)
+    r = _tensor(gen, leading, width, 0, dtype, exact) if residual else None
+    w = torch.randn(width, device="cuda", generator=gen).to(dtype)
+    scale = 0.01 + 0.02 * torch.rand(1, device="cuda", generator=gen)
+    _poison_outputs(poison, leading, width, 0)
+    if residual:
+        q, r_out = OPS.fused_add_rms_norm_static_fp8_quant(x, r, w, scale, eps)
+        q_ref, r_ref = vf.fused_add_rms_norm_static_fp8_quant_ref(x, r, w, scale, eps)
+        assert torch.equal(r_out.view(torch.int16), r_ref.view(torch.int16))
+    else:
+        q = OPS.rms_norm_static_fp8_quant(x, w, scale, eps)
+        q_ref = vf.rms_norm_static_fp8_quant_ref(x, w, scale, eps)
+    assert q.shape == x.shape and q.is_contiguous()
+    fp8_close(q, scale, q_ref, scale, 0, f"shape={tuple(x.shape)} pad={pad} seed={seed}")
+
+
+@SETTINGS
+@given(dtype=DTYPES, leading=LEADING, pad=ROW_PAD, residual=st.booleans(), quant=quant_args(),
+       exact=st.booleans(), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_rms_norm_dynamic_fp8_quant(poison, fp8_close, scales_close, dtype, leading, pad,
+                                    residual, quant, exact, seed, data):
+    group, transposed, ue8m0, use_ub = quant
+    width = data.draw(widths(group, 8192), label="hidden")
+    gen = _seeded(seed)
+    x = _tensor(gen, leading, width, pad, dtype, exact)
+    r = _tensor(gen, leading, width, 0, dtype, exact) if residual else None
+    w = torch.randn(width, device="cuda", generator=gen).to(dtype)
+    ub = (0.5 + torch.rand(1, device="cuda", generator=gen)) if use_ub else None
+    eps = 1e-6
+    _poison_outputs(poison, leading, width, width // group if group else 1)
+    what = (f"shape={tuple(x.shape)} pad={pad} group={group} transposed={transposed} "
+            f"ue8m0={ue8m0} ub={use_ub} seed={seed}")
+    if residual:
+        q, r_out, s = OPS.fused_add_rms_norm_dynamic_fp8_quant(
+            x, r, w, eps, group, transposed, ue8m0, ub)
+        q_ref, r_ref, s_ref = vf.fused_add_rms_norm_dynamic_fp8_quant_ref(
+            x, r, w, eps, group, transposed, ue8m0, ub)
+        assert torch.equal(r_out.view(torch.int16), r_ref.view(torch.int16)), what
+    else:
+        q, s = OPS.rms_norm_dynamic_fp8_quant(x, w, eps, group, transposed, ue8m0, ub)
+        q_ref, s_ref = vf.rms_norm_dynamic_fp8_quant_ref(x, w, eps, group, transposed, ue8m0, ub)
+    assert q.shape == x.shape and q.is_contiguous(), what
+    scales_close(s, s_ref, input_dtype=None if exact else dtype, what=what)
+    fp8_close(q, s, q_ref, s_ref, group, what)
+
+
+@SETTINGS
+@given(dtype=DTYPES, leading=LEADING, pad=ROW_PAD, seed=st.integers(0, 2**31 - 1),
+       data=st.data())
+def test_silu_and_mul_static_fp8_quant(poison, fp8_close, dtype, leading, pad, seed, data):
+    d = data.draw(widths(0, 8192), label="d")
+    gen = _seeded(seed)
+    x = _tensor(gen, leading, 2 * d, pad, dtype, exact=False)
+    scale = 0.005 + 0.01 * torch.rand(1, device="cuda", generator=gen)
+    _poison_outputs(poison, leading, d, 0)
+    q = OPS.silu_and_mul_static_fp8_quant(x, scale)
+    q_ref = vf.silu_and_mul_static_fp8_quant_ref(x, scale)
+    assert q.shape == (*leading, d) and q.is_contiguous()
+    fp8_close(q, scale, q_ref, scale, 0, f"shape={tuple(x.shape)} pad={pad} seed={seed}")
+
+
+@SETTINGS
+@given(dtype=DTYPES, leading=LEADING, pad=ROW_PAD, quant=quant_args(),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_silu_and_mul_dynamic_fp8_quant(poison, fp8_close, scales_close, dtype, leading, pad,
+                                        quant, seed, data):
+    group, transposed, ue8m0, use_ub = quant
+    d = data.draw(widths(group, 8192), label="d")
+    gen = _seeded(seed)
+    x = _tensor(gen, leading, 2 * d, pad, dtype, exact=False)
+    ub = (0.5 + torch.rand(1, device="cuda", generator=gen)) if use_ub else None
+    _poison_outputs(poison, leading, d, d // group if group else 1)
+    what = (f"shape={tuple(x.shape)} pad={pad} group={group} transposed={transposed} "
+            f"ue8m0={ue8m0} ub={use_ub} seed={seed}")
+    q, s = OPS.silu_and_mul_dynamic_fp8_quant(x, group, transposed, ue8m0, ub)
+    q_ref, s_ref = vf.silu_and_mul_dynamic_fp8_quant_ref(x, group, transposed, ue8m0, ub)
+    assert q.shape == (*leading, d) and q.is_contiguous(), what
+    # SiLU*Mul is elementwise and rounded as torch rounds it: scales match to 1e-6.
+    scales_close(s, s_ref, what=what)
+    fp8_close(q, s, q_ref, s_ref, group, what)
