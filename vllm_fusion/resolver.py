@@ -305,8 +305,9 @@ def resolve_fusion(flag: str, setup: Setup) -> Decision:
             return off(why)
         reason = f"on by default at -O{setup.level}: {cap.default}"
     verdict = cap.schemes.get(setup.quant or "")
-    if owned and verdict is not None and verdict.vllm_fuses:
-        # The package has no kernel for this model's scheme and vLLM's pass has one.
+    if (owned and verdict is not None and verdict.vllm_fuses
+            and setup.quant not in package_schemes(cap, setup)):
+        # vLLM's pass has a fused kernel for this model's scheme and the package's is not chosen.
         return Decision(flag, True, "on", f"{reason}; {setup.quant}: {verdict.reason}", "vllm",
                         explicit is not None)
     fused = package_schemes(cap, setup) if owned else None
