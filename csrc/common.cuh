@@ -315,7 +315,7 @@ __device__ __forceinline__ void quantize_team(ValuesFn values, const QuantArgs& 
     if (row_ok && vbase == 0)
       nvfp4_zero_sf_padding(q.block_scales, row, q.rows, q.ngroups, q.sf_k_tiles, lane, tpr);
 #else
-    __trap();  // no NVFP4 code for this target: the host refuses to launch it
+    VF_DEVICE_TRAP();  // no NVFP4 code for this target: the host refuses to launch it
 #endif
   } else {
     static_assert(QT::kGroup, "unhandled quant kind");
@@ -396,7 +396,7 @@ __device__ __forceinline__ void quantize_store_row_scalar(ValueFn value, int col
     nvfp4_zero_sf_padding(q.block_scales, row, q.rows, q.ngroups, q.sf_k_tiles, threadIdx.x,
                           blockDim.x);
 #else
-    __trap();
+    VF_DEVICE_TRAP();
 #endif
   } else {
     // One warp per group.

@@ -31,6 +31,13 @@
   #define VF_NVFP4_DEVICE 0
 #endif
 
+// Device code that must never run (a target without NVFP4): stop the kernel.
+#ifdef USE_ROCM
+  #define VF_DEVICE_TRAP() __builtin_trap()
+#else
+  #define VF_DEVICE_TRAP() __trap()
+#endif
+
 namespace vllm_fusion {
 
 // Elements sharing one block scale, and the largest e2m1 magnitude.
@@ -41,12 +48,12 @@ constexpr float kE2m1Max = 6.0f;
 constexpr int kSfTileRows = 128;
 constexpr int kSfTileBlocks = 4;
 
-#ifdef __CUDACC__
+#if VF_NVFP4_BUILD && defined(__CUDACC__)
 
 // rcp.approx.ftz.f32: what vLLM's kernel uses for every reciprocal of the block-scale math
 // (not correctly rounded, so matching it is what keeps the output bit-identical).
 __device__ __forceinline__ float rcp_approx_ftz(float a) {
-  #if defined(__CUDA_ARCH__) && !defined(USE_ROCM)
+  #if defined(__CUDA_ARCH__)
   float b;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(b) : "f"(a));
   return b;
@@ -136,6 +143,6 @@ __device__ __forceinline__ void nvfp4_zero_sf_padding(uint8_t* sf, int64_t row, 
   }
 }
 
-#endif  // __CUDACC__
+#endif  // VF_NVFP4_BUILD && __CUDACC__
 
 }  // namespace vllm_fusion

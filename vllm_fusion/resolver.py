@@ -260,7 +260,9 @@ def _scheme_note(cap: FusionCapability, setup: Setup, fused: tuple[str, ...] | N
 def package_schemes(cap: FusionCapability, setup: Setup) -> tuple[str, ...]:
     """Scheme families the package's pass fuses in this setup."""
     if cap.flag in setup.scheme_overrides:
-        return tuple(setup.scheme_overrides[cap.flag])
+        # Never a scheme the platform cannot run (NVFP4 off SM100).
+        supported = cap.supported_schemes(setup.platform)
+        return tuple(s for s in setup.scheme_overrides[cap.flag] if s in supported)
     if setup.force_schemes:
         return cap.supported_schemes(setup.platform)
     return cap.winning_schemes(setup.platform)
