@@ -105,6 +105,15 @@ __global__ void __launch_bounds__(1024)
   quantize_store_row_scalar<Q>(value, a.d, q, load_quant_consts<Q>(q), row, smem_max);
 }
 
+// One NVFP4 kernel of this file: its image tells which archs the file was built for.
+inline const void* nvfp4_probe_kernel() {
+#if VF_NVFP4_BUILD
+  return reinterpret_cast<const void*>(&silu_mul_quant_fallback_kernel<bf16_t, QuantKind::kNvfp4>);
+#else
+  return nullptr;
+#endif
+}
+
 template <typename T, QuantKind Q>
 void launch_typed(const ActArgs& base, const QuantArgs& q, bool vector_ok, int32_t device,
                   gpuStream_t stream) {
@@ -175,22 +184,32 @@ std::pair<Tensor, std::optional<Tensor>> act_quant(const char* op, const Tensor&
                                                    bool scale_transposed, bool scale_ue8m0) {
   const int64_t two_d = input.size(-1);
   const int64_t d = two_d / 2;
-  if (scale) check_scale_scalar(op, "scale", *scale, input);
+  const bool nvfp4 = kind == QuantKind::kNvfp4;
+  if (scale) check_scale_scalar(op, nvfp4 ? "global_scale" : "scale", *scale, input);
   if (scale_ub) check_scale_scalar(op, "scale_ub", *scale_ub, input);
 
   const int32_t device = input.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  const Fp8Format fmt = fp8_format(device);
+  const Fp8Format fmt = nvfp4 ? Fp8Format{} : fp8_format(device);
+  if (nvfp4) check_nvfp4_kernel(op, nvfp4_probe_kernel(), device);
   std::vector<int64_t> shape = shape_of(input);
   shape.back() = d;
 
-  Tensor out = torch::stable::new_empty(input, shape, fmt.dtype);
-  const int64_t group = group_size_of(kind);
-  std::optional<Tensor> scales;
-  if (kind != QuantKind::kStatic)
-    scales = alloc_scales(input, shape, group ? d / group : 1, scale_transposed);
-
   const RowView in = as_rows(input);
+  const Nvfp4Layout fp4 = nvfp4_layout(in.rows, d);
+  std::optional<Nvfp4Outputs> fp4_out;
+  Tensor out;
+  std::optional<Tensor> scales;
+  const int64_t group = group_size_of(kind);
+  if (nvfp4) {
+    fp4_out = alloc_nvfp4_outputs(input, fp4);
+    out = fp4_out->out;
+    scales = fp4_out->scales;
+  } else {
+    out = torch::stable::new_empty(input, shape, fmt.dtype);
+    if (kind != QuantKind::kStatic)
+      scales = alloc_scales(input, shape, group ? d / group : 1, scale_transposed);
+  }
   if (in.rows == 0) return {out, scales};
 
   ActArgs a{};
@@ -200,8 +219,9 @@ std::pair<Tensor, std::optional<Tensor>> act_quant(const char* op, const Tensor&
   a.d = static_cast<int>(d);
   a.tpr = 0;
 
-  const QuantArgs q = make_quant_args(out, d, scales, scale, scale_ub, fmt, input,
-                                      group, scale_ue8m0, scale_transposed);
+  const QuantArgs q = nvfp4 ? make_nvfp4_quant_args(*fp4_out, *scale, fp4)
+                            : make_quant_args(out, d, scales, scale, scale_ub, fmt, input,
+                                              group, scale_ue8m0, scale_transposed);
 
   const bool vector_ok = d % kVec == 0 && in.stride % kVec == 0 && aligned16(a.input);
   const gpuStream_t stream = current_stream(device);
@@ -218,6 +238,11 @@ std::pair<Tensor, std::optional<Tensor>> act_quant(const char* op, const Tensor&
       break;
     case QuantKind::kGroup128:
       launch_quant<QuantKind::kGroup128>(dt, a, q, vector_ok, device, stream);
+      break;
+    case QuantKind::kNvfp4:
+#if VF_NVFP4_BUILD  // else refused by check_nvfp4_kernel
+      launch_quant<QuantKind::kNvfp4>(dt, a, q, vector_ok, device, stream);
+#endif
       break;
   }
   check_launch(op);
@@ -248,6 +273,15 @@ std::tuple<Tensor, Tensor> silu_and_mul_dynamic_fp8_quant(const Tensor& input,
   const QuantKind kind = dynamic_quant_kind(op, group_size, input.size(-1) / 2,
                                             scale_transposed, scale_ue8m0, input.dim());
   auto r = act_quant(op, input, kind, std::nullopt, scale_ub, scale_transposed, scale_ue8m0);
+  return {r.first, *r.second};
+}
+
+std::tuple<Tensor, Tensor> silu_and_mul_nvfp4_quant(const Tensor& input,
+                                                    const Tensor& global_scale) {
+  constexpr const char* op = "vllm_fusion::silu_and_mul_nvfp4_quant";
+  check_act_input(op, input);
+  check_nvfp4_width(op, input.size(-1) / 2, "output width (half the last dim of input)");
+  auto r = act_quant(op, input, QuantKind::kNvfp4, global_scale, std::nullopt, false, false);
   return {r.first, *r.second};
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "compat.h"
+#include "nvfp4.cuh"
 
 namespace vllm_fusion {
 
@@ -16,13 +17,16 @@ enum class QuantKind : int {
   kPerToken = 1,  // one scale per row: max(min(absmax, ub) / fp8_max, min_scale)
   kGroup64 = 2,   // one scale per 64 columns: max(min(absmax, ub), 1e-10) / fp8_max
   kGroup128 = 3,  // one scale per 128 columns
+  kNvfp4 = 4,     // NVFP4: packed e2m1, one e4m3 scale per 16 columns (see nvfp4.cuh)
 };
 
 template <QuantKind Q>
 struct QuantTraits {
   static constexpr bool kGroup = (Q == QuantKind::kGroup64 || Q == QuantKind::kGroup128);
-  static constexpr int kGroupSize =
-      Q == QuantKind::kGroup64 ? 64 : (Q == QuantKind::kGroup128 ? 128 : 0);
+  static constexpr int kGroupSize = Q == QuantKind::kGroup64    ? 64
+                                    : Q == QuantKind::kGroup128 ? 128
+                                    : Q == QuantKind::kNvfp4    ? kNvfp4Block
+                                                                : 0;
   // Lanes that hold one group when each lane holds kVec consecutive elements of it.
   static constexpr int kGroupLanes = kGroupSize / kVec;
 };
@@ -153,10 +157,10 @@ constexpr int kMaxWarps = 32;
 // ---------------------------------------------------------------- quantize + store
 
 struct QuantArgs {
-  uint8_t* out;               // fp8 output, row r at out + r * out_stride
-  int64_t out_stride;         // bytes (= elements) between output rows
+  uint8_t* out;               // fp8 (or packed fp4) output, row r at out + r * out_stride
+  int64_t out_stride;         // bytes between output rows
   float* scales;              // dynamic quant: per-token [rows]; per-group, see scale_index
-  const float* static_scale;  // static quant: one element
+  const float* static_scale;  // static quant: one element; NVFP4: the global scale
   const float* scale_ub;      // optional upper bound on the absmax (nullptr: none)
   float fp8_max;              // clamp bound: 448 (e4m3fn) or 224 (e4m3fnuz, as vLLM)
   float inv_fp8_max;          // 1.0f / fp8_max: torch divides by a Python scalar this way
@@ -166,6 +170,11 @@ struct QuantArgs {
   bool fnuz;
   bool ue8m0;
   bool transposed;            // column-major group scales
+  // NVFP4 only: swizzled block scales (see nvfp4.cuh), the row count they are laid out for,
+  // and ceil(blocks per row / 4).
+  uint8_t* block_scales;
+  int64_t rows;
+  int64_t sf_k_tiles;
 };
 
 // Storage index of the scale of (row, group). Row-major: [rows, ngroups]. Column-major: the
@@ -187,7 +196,8 @@ struct QuantConsts {
 template <QuantKind Q>
 __device__ __forceinline__ QuantConsts load_quant_consts(const QuantArgs& q) {
   QuantConsts c;
-  c.static_scale = Q == QuantKind::kStatic ? __ldg(q.static_scale) : 1.0f;
+  c.static_scale =
+      (Q == QuantKind::kStatic || Q == QuantKind::kNvfp4) ? __ldg(q.static_scale) : 1.0f;
   c.ub = (Q != QuantKind::kStatic && q.scale_ub != nullptr) ? __ldg(q.scale_ub) : INFINITY;
   return c;
 }
@@ -273,6 +283,40 @@ __device__ __forceinline__ void quantize_team(ValuesFn values, const QuantArgs& 
         store_scaled(y, inv, q, out_row + j * kVec);
       }
     }
+  } else if constexpr (Q == QuantKind::kNvfp4) {
+#if VF_NVFP4_BUILD && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 1000)
+    // Lanes (2i, 2i + 1) hold the two halves of one 16-element block.
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t j = vbase + lane + static_cast<int64_t>(k) * tpr;
+      const bool valid = row_ok && j < nvec;
+      float y[kVec];
+      if (valid) {
+        values(k, y);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) y[i] = 0.f;
+      }
+      float m = 0.f;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) m = fmaxf(m, fabsf(y[i]));
+      m = subwarp_reduce_fixed<QT::kGroupLanes>(m, MaxOp{});
+      if (valid) {
+        const Nvfp4BlockScale bs = nvfp4_block_scale(m, c.static_scale);
+        if (j % QT::kGroupLanes == 0)
+          q.block_scales[nvfp4_sf_offset(row, static_cast<int>(j / QT::kGroupLanes),
+                                         q.sf_k_tiles)] = bs.sf;
+        float v[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) v[i] = y[i] * bs.inv;
+        *reinterpret_cast<uint32_t*>(out_row + j * (kVec / 2)) = float8_to_e2m1x8(v);
+      }
+    }
+    if (row_ok && vbase == 0)
+      nvfp4_zero_sf_padding(q.block_scales, row, q.rows, q.ngroups, q.sf_k_tiles, lane, tpr);
+#else
+    VF_DEVICE_TRAP();  // no NVFP4 code for this target: the host refuses to launch it
+#endif
   } else {
     static_assert(QT::kGroup, "unhandled quant kind");
 #pragma unroll
@@ -327,6 +371,33 @@ __device__ __forceinline__ void quantize_store_row_scalar(ValueFn value, int col
     }
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
       out_row[i] = float_to_fp8(clamp_fp8(value(i) * inv, q.fp8_max), q.fnuz);
+  } else if constexpr (Q == QuantKind::kNvfp4) {
+#if VF_NVFP4_BUILD && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 1000)
+    // One thread per 16-element block.
+    for (int g = threadIdx.x; g < q.ngroups; g += blockDim.x) {
+      float y[kNvfp4Block];
+      float m = 0.f;
+#pragma unroll
+      for (int e = 0; e < kNvfp4Block; ++e) {
+        y[e] = value(g * kNvfp4Block + e);
+        m = fmaxf(m, fabsf(y[e]));
+      }
+      const Nvfp4BlockScale bs = nvfp4_block_scale(m, c.static_scale);
+      q.block_scales[nvfp4_sf_offset(row, g, q.sf_k_tiles)] = bs.sf;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float v[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) v[i] = y[h * kVec + i] * bs.inv;
+        *reinterpret_cast<uint32_t*>(out_row + g * (kNvfp4Block / 2) + h * (kVec / 2)) =
+            float8_to_e2m1x8(v);
+      }
+    }
+    nvfp4_zero_sf_padding(q.block_scales, row, q.rows, q.ngroups, q.sf_k_tiles, threadIdx.x,
+                          blockDim.x);
+#else
+    VF_DEVICE_TRAP();
+#endif
   } else {
     // One warp per group.
     constexpr int G = QuantTraits<Q>::kGroupSize;

@@ -159,6 +159,8 @@ inline gpuStream_t current_stream(int32_t device_index) {
 
 struct DeviceInfo {
   int num_sms = 0;
+  int cc_major = 0;  // CUDA compute capability (0 on ROCm)
+  int cc_minor = 0;
   int warp_size = 32;
   bool fp8_fnuz = false;  // gfx94x: float8_e4m3fnuz
 };
@@ -182,6 +184,11 @@ inline const DeviceInfo& device_info(int32_t device_index) {
     VF_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount,
                                            device_index) == cudaSuccess,
                     "vllm_fusion: cudaDeviceGetAttribute failed");
+    VF_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor,
+                                    device_index) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor,
+                                        device_index) == cudaSuccess,
+             "vllm_fusion: cudaDeviceGetAttribute failed");
     info.warp_size = 32;
     info.fp8_fnuz = false;
 #endif
@@ -387,6 +394,96 @@ inline std::vector<int64_t> shape_of(const Tensor& t) {
   std::vector<int64_t> s;
   for (int64_t i = 0; i < t.dim(); ++i) s.push_back(t.size(i));
   return s;
+}
+
+// ---------------------------------------------------------------- NVFP4
+
+// Block scales per row and the int32 shape torch sees of the swizzled scale buffer (what
+// vLLM's create_fp4_scale_tensor allocates for is_sf_swizzled_layout=True).
+struct Nvfp4Layout {
+  int64_t rows;
+  int64_t cols;
+  int64_t blocks;   // cols / 16
+  int64_t k_tiles;  // ceil(blocks / 4)
+  int64_t padded_rows;
+};
+
+inline Nvfp4Layout nvfp4_layout(int64_t rows, int64_t cols) {
+  Nvfp4Layout l;
+  l.rows = rows;
+  l.cols = cols;
+  l.blocks = cols / kNvfp4Block;
+  l.k_tiles = (l.blocks + kSfTileBlocks - 1) / kSfTileBlocks;
+  l.padded_rows = (rows + kSfTileRows - 1) / kSfTileRows * kSfTileRows;
+  return l;
+}
+
+// The quantized width `cols` must be a whole number of 16-element blocks.
+inline void check_nvfp4_width(const char* op, int64_t cols, const char* what) {
+  VF_CHECK(cols % kNvfp4Block == 0, op, ": NVFP4 quantizes blocks of 16 elements: ", what, " (",
+           cols, ") must be a multiple of 16");
+}
+
+inline void check_global_scale(const char* op, const Tensor& t, const Tensor& input) {
+  check_scale_scalar(op, "global_scale", t, input);
+}
+
+// The GPU must be SM100+ and this build must hold SM100 code for `kernel`; anything else would
+// run the trap body (or no body at all).
+template <typename Kernel>
+inline void check_nvfp4_kernel(const char* op, Kernel kernel, int32_t device) {
+#if VF_NVFP4_BUILD
+  const DeviceInfo& dev = device_info(device);
+  VF_CHECK(dev.cc_major >= 10, op, ": NVFP4 quantization needs an SM100 or newer GPU (compute "
+           "capability >= 10.0); cuda:", device, " has compute capability ", dev.cc_major, ".",
+           dev.cc_minor);
+  constexpr int kMaxDevices = 64;
+  static std::array<int, kMaxDevices> image{};  // per device: 0 unknown, else binaryVersion
+  if (image[device] == 0) {
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+    if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error
+    VF_CHECK(err == cudaSuccess, op, ": this build of vllm_fusion has no kernel image for "
+             "compute capability ", dev.cc_major, ".", dev.cc_minor,
+             " (rebuild with VLLM_FUSION_CUDA_ARCHS including ", dev.cc_major, ".", dev.cc_minor,
+             "a): ", cudaGetErrorString(err));
+    image[device] = attr.binaryVersion;
+  }
+  VF_CHECK(image[device] >= 100, op, ": this build of vllm_fusion has no SM100 code for its "
+           "NVFP4 kernels (kernel image sm_", image[device],
+           "); rebuild with VLLM_FUSION_CUDA_ARCHS including 10.0a");
+#else
+  (void)kernel;
+  (void)device;
+  VF_CHECK(false, op, ": NVFP4 kernels are not part of this build (they need CUDA >= 12.8 "
+           "and are not available on ROCm)");
+#endif
+}
+
+// Outputs of NVFP4 quant of `rows` rows of `cols` elements: packed e2m1 [rows, cols / 2] uint8
+// and the swizzled block scales [padded_rows, k_tiles] int32 (each int32 holds 4 e4m3 scales).
+// The kernels write every byte of both, the scale padding included.
+struct Nvfp4Outputs {
+  Tensor out;
+  Tensor scales;
+};
+
+inline Nvfp4Outputs alloc_nvfp4_outputs(const Tensor& like, const Nvfp4Layout& l) {
+  return {torch::stable::new_empty(like, {l.rows, l.cols / 2}, ScalarType::Byte),
+          torch::stable::new_empty(like, {l.padded_rows, l.k_tiles}, ScalarType::Int)};
+}
+
+inline QuantArgs make_nvfp4_quant_args(Nvfp4Outputs& o, const Tensor& global_scale,
+                                       const Nvfp4Layout& l) {
+  QuantArgs q{};
+  q.out = static_cast<uint8_t*>(o.out.mutable_data_ptr());
+  q.out_stride = l.cols / 2;
+  q.static_scale = static_cast<const float*>(global_scale.const_data_ptr());
+  q.ngroups = static_cast<int>(l.blocks);
+  q.block_scales = static_cast<uint8_t*>(o.scales.mutable_data_ptr());
+  q.rows = l.rows;
+  q.sf_k_tiles = l.k_tiles;
+  return q;
 }
 
 }  // namespace vllm_fusion

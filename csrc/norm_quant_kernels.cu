@@ -144,6 +144,16 @@ __global__ void __launch_bounds__(1024)
   quantize_store_row_scalar<Q>(yval, H, q, load_quant_consts<Q>(q), row, smem_max);
 }
 
+// One NVFP4 kernel of this file: its image tells which archs the file was built for.
+inline const void* nvfp4_probe_kernel() {
+#if VF_NVFP4_BUILD
+  return reinterpret_cast<const void*>(
+      &rms_norm_quant_fallback_kernel<bf16_t, QuantKind::kNvfp4, false>);
+#else
+  return nullptr;
+#endif
+}
+
 template <typename T, QuantKind Q, bool RESIDUAL>
 void launch_typed(const NormArgs& base, const QuantArgs& q, bool vector_ok, int32_t device,
                   gpuStream_t stream) {
@@ -203,6 +213,11 @@ void launch(QuantKind kind, ScalarType dt, const NormArgs& a, const QuantArgs& q
     case QuantKind::kGroup128:
       launch_quant<QuantKind::kGroup128, RESIDUAL>(dt, a, q, vector_ok, device, stream);
       break;
+    case QuantKind::kNvfp4:
+#if VF_NVFP4_BUILD  // else refused by check_nvfp4_kernel
+      launch_quant<QuantKind::kNvfp4, RESIDUAL>(dt, a, q, vector_ok, device, stream);
+#endif
+      break;
   }
 }
 
@@ -214,7 +229,8 @@ struct NormQuantResult {
 
 NormQuantResult norm_quant(const char* op, const Tensor& input,
                            const std::optional<Tensor>& residual, const Tensor& weight,
-                           double epsilon, QuantKind kind, const std::optional<Tensor>& scale,
+                           double epsilon, QuantKind kind,
+                           const std::optional<Tensor>& scale,  // static scale / NVFP4 global
                            const std::optional<Tensor>& scale_ub, bool scale_transposed,
                            bool scale_ue8m0) {
   check_activation(op, "input", input);
@@ -236,22 +252,33 @@ NormQuantResult norm_quant(const char* op, const Tensor& input,
                   "), got ", dtype_name(weight.scalar_type()));
   VF_CHECK(weight.size(0) == 1 || weight.stride(0) == 1, op,
                   ": weight must be contiguous");
-  if (scale) check_scale_scalar(op, "scale", *scale, input);
+  if (scale)
+    check_scale_scalar(op, kind == QuantKind::kNvfp4 ? "global_scale" : "scale", *scale, input);
   if (scale_ub) check_scale_scalar(op, "scale_ub", *scale_ub, input);
 
   const int32_t device = input.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  const Fp8Format fmt = fp8_format(device);
   const std::vector<int64_t> shape = shape_of(input);
+  const bool nvfp4 = kind == QuantKind::kNvfp4;
+  const Fp8Format fmt = nvfp4 ? Fp8Format{} : fp8_format(device);
+  if (nvfp4) check_nvfp4_kernel(op, nvfp4_probe_kernel(), device);
 
   NormQuantResult r;
-  r.out = torch::stable::new_empty(input, shape, fmt.dtype);
+  const RowView in = as_rows(input);
+  const Nvfp4Layout fp4 = nvfp4_layout(in.rows, H);
+  std::optional<Nvfp4Outputs> fp4_out;
+  if (nvfp4) {
+    fp4_out = alloc_nvfp4_outputs(input, fp4);
+    r.out = fp4_out->out;
+    r.scales = fp4_out->scales;
+  } else {
+    r.out = torch::stable::new_empty(input, shape, fmt.dtype);
+  }
   if (residual) r.residual_out = torch::stable::new_empty(input, shape, input.scalar_type());
   const int64_t group = group_size_of(kind);
-  if (kind != QuantKind::kStatic)
+  if (kind != QuantKind::kStatic && !nvfp4)
     r.scales = alloc_scales(input, shape, group ? H / group : 1, scale_transposed);
 
-  const RowView in = as_rows(input);
   if (in.rows == 0) return r;  // nothing to launch
   std::optional<RowView> res;
   if (residual) res = as_rows(*residual);
@@ -269,8 +296,9 @@ NormQuantResult norm_quant(const char* op, const Tensor& input,
   a.eps = static_cast<float>(epsilon);
   a.tpr = 0;
 
-  const QuantArgs q = make_quant_args(r.out, H, r.scales, scale, scale_ub, fmt, input,
-                                      group, scale_ue8m0, scale_transposed);
+  const QuantArgs q = nvfp4 ? make_nvfp4_quant_args(*fp4_out, *scale, fp4)
+                            : make_quant_args(r.out, H, r.scales, scale, scale_ub, fmt, input,
+                                              group, scale_ue8m0, scale_transposed);
 
   const bool vector_ok = H % kVec == 0 && in.stride % kVec == 0 && aligned16(a.input) &&
                          aligned16(a.weight) &&
@@ -327,6 +355,29 @@ std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_dynamic_fp8_quant(
                                             scale_ue8m0, input.dim());
   NormQuantResult r = norm_quant(op, input, residual, weight, epsilon, kind, std::nullopt,
                                  scale_ub, scale_transposed, scale_ue8m0);
+  return {r.out, *r.residual_out, *r.scales};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_nvfp4_quant(const Tensor& input, const Tensor& weight,
+                                                const Tensor& global_scale, double epsilon) {
+  constexpr const char* op = "vllm_fusion::rms_norm_nvfp4_quant";
+  check_activation(op, "input", input);
+  check_nvfp4_width(op, input.size(-1), "hidden size (last dim of input)");
+  NormQuantResult r = norm_quant(op, input, std::nullopt, weight, epsilon, QuantKind::kNvfp4,
+                                 global_scale, std::nullopt, false, false);
+  return {r.out, *r.scales};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_nvfp4_quant(const Tensor& input,
+                                                                  const Tensor& residual,
+                                                                  const Tensor& weight,
+                                                                  const Tensor& global_scale,
+                                                                  double epsilon) {
+  constexpr const char* op = "vllm_fusion::fused_add_rms_norm_nvfp4_quant";
+  check_activation(op, "input", input);
+  check_nvfp4_width(op, input.size(-1), "hidden size (last dim of input)");
+  NormQuantResult r = norm_quant(op, input, residual, weight, epsilon, QuantKind::kNvfp4,
+                                 global_scale, std::nullopt, false, false);
   return {r.out, *r.residual_out, *r.scales};
 }
 

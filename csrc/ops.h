@@ -36,6 +36,22 @@ std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_dynamic_fp8_quant(
     int64_t group_size, bool scale_transposed, bool scale_ue8m0,
     const std::optional<Tensor>& scale_ub);
 
+// ---- RMSNorm (+ residual add) + NVFP4 quant (SM100+): csrc/norm_quant_kernels.cu
+// Output as vLLM's scaled_fp4_quant(y, global_scale, is_sf_swizzled_layout=True): packed e2m1
+// [rows, H / 2] uint8 and swizzled e4m3 block scales [round_up(rows, 128), round_up(H / 16, 4) /
+// 4] int32, rows = input.numel() / H.
+
+// -> (quantized, block_scales)
+std::tuple<Tensor, Tensor> rms_norm_nvfp4_quant(const Tensor& input, const Tensor& weight,
+                                                const Tensor& global_scale, double epsilon);
+
+// -> (quantized, residual_out, block_scales)
+std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_nvfp4_quant(const Tensor& input,
+                                                                  const Tensor& residual,
+                                                                  const Tensor& weight,
+                                                                  const Tensor& global_scale,
+                                                                  double epsilon);
+
 // ---- SiLU(x[..., :d]) * x[..., d:] + FP8 quant: csrc/act_quant_kernels.cu
 
 Tensor silu_and_mul_static_fp8_quant(const Tensor& input, const Tensor& scale);
@@ -46,6 +62,11 @@ std::tuple<Tensor, Tensor> silu_and_mul_dynamic_fp8_quant(const Tensor& input,
                                                           bool scale_transposed,
                                                           bool scale_ue8m0,
                                                           const std::optional<Tensor>& scale_ub);
+
+// SiLU-and-Mul + NVFP4 quant (SM100+), outputs as rms_norm_nvfp4_quant's with H = d.
+// -> (quantized, block_scales)
+std::tuple<Tensor, Tensor> silu_and_mul_nvfp4_quant(const Tensor& input,
+                                                    const Tensor& global_scale);
 
 // ---- RMSNorm (+ residual add) into a zero-padded hidden dim: csrc/norm_pad_kernels.cu
 

@@ -30,6 +30,14 @@ STABLE_TORCH_LIBRARY(vllm_fusion, m) {
   m.def(
       "fused_add_rms_norm_pad(Tensor input, Tensor residual, Tensor weight, float epsilon, "
       "int padded_hidden) -> (Tensor, Tensor)");
+  // NVFP4 (SM100+): outputs as vLLM's scaled_fp4_quant with swizzled block scales.
+  m.def(
+      "rms_norm_nvfp4_quant(Tensor input, Tensor weight, Tensor global_scale, float epsilon) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "fused_add_rms_norm_nvfp4_quant(Tensor input, Tensor residual, Tensor weight, "
+      "Tensor global_scale, float epsilon) -> (Tensor, Tensor, Tensor)");
+  m.def("silu_and_mul_nvfp4_quant(Tensor input, Tensor global_scale) -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
@@ -45,6 +53,10 @@ STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
          TORCH_BOX(&vllm_fusion::silu_and_mul_dynamic_fp8_quant));
   m.impl("rms_norm_pad", TORCH_BOX(&vllm_fusion::rms_norm_pad));
   m.impl("fused_add_rms_norm_pad", TORCH_BOX(&vllm_fusion::fused_add_rms_norm_pad));
+  m.impl("rms_norm_nvfp4_quant", TORCH_BOX(&vllm_fusion::rms_norm_nvfp4_quant));
+  m.impl("fused_add_rms_norm_nvfp4_quant",
+         TORCH_BOX(&vllm_fusion::fused_add_rms_norm_nvfp4_quant));
+  m.impl("silu_and_mul_nvfp4_quant", TORCH_BOX(&vllm_fusion::silu_and_mul_nvfp4_quant));
 }
 
 // ---------------------------------------------------------------- Python module entry point

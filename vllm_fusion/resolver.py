@@ -255,7 +255,9 @@ def _scheme_note(cap: FusionCapability, setup: Setup, fused: tuple[str, ...] | N
 def package_schemes(cap: FusionCapability, setup: Setup) -> tuple[str, ...]:
     """Scheme families the package's pass fuses in this setup."""
     if cap.flag in setup.scheme_overrides:
-        return tuple(setup.scheme_overrides[cap.flag])
+        # Never a scheme the platform cannot run (NVFP4 off SM100).
+        supported = cap.supported_schemes(setup.platform)
+        return tuple(s for s in setup.scheme_overrides[cap.flag] if s in supported)
     if setup.force_schemes:
         return cap.supported_schemes(setup.platform)
     return cap.winning_schemes(setup.platform)
@@ -300,8 +302,9 @@ def resolve_fusion(flag: str, setup: Setup) -> Decision:
             return off(why)
         reason = f"on by default at -O{setup.level}: {cap.default}"
     verdict = cap.schemes.get(setup.quant or "")
-    if owned and verdict is not None and verdict.vllm_fuses:
-        # The package has no kernel for this model's scheme and vLLM's pass has one.
+    if (owned and verdict is not None and verdict.vllm_fuses
+            and setup.quant not in package_schemes(cap, setup)):
+        # vLLM's pass has a fused kernel for this model's scheme and the package's is not chosen.
         return Decision(flag, True, "on", f"{reason}; {setup.quant}: {verdict.reason}", "vllm",
                         explicit is not None)
     fused = package_schemes(cap, setup) if owned else None

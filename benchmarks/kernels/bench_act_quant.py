@@ -1,4 +1,4 @@
-"""Benchmark SiLU*Mul+FP8 quant: vllm_fusion's kernels vs Inductor vs vLLM's.
+"""Benchmark SiLU*Mul+FP8/NVFP4 quant: vllm_fusion's kernels vs Inductor vs vLLM's.
 
     python benchmarks/kernels/bench_act_quant.py [--tokens ...] [--hidden ...]
         [--schemes static token group128] [--json out.json] [--plot out.png]
@@ -6,7 +6,9 @@
 ``--hidden`` is the output width d (the input is [T, 2d]). Implementations: ``vllm_fusion``
 (torch.ops.vllm_fusion.*), ``inductor`` (torch.compile of the torch reference, default mode,
 static shapes) and ``vllm`` (vLLM 0.26's torch.ops._C fused kernels where it has one: static
-and per-group; it has none for per-token).
+and per-group; it has none for per-token). NVFP4 (``nvfp4``; SM100 only): ``inductor`` is the
+unfused graph, Inductor's SiLU*Mul then vLLM's ``scaled_fp4_quant``; ``vllm`` is vLLM's fused
+``silu_and_mul_nvfp4_quant``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ from vllm_fusion import _kernels  # noqa: E402
 from vllm_fusion import ops as vf  # noqa: E402
 
 # scheme -> group_size (None: static)
-SCHEMES = {"static": None, "token": 0, "group64": 64, "group128": 128}
+NVFP4 = "nvfp4"
+NVFP4_GLOBAL_SCALE = 672.0  # 6 * 448 / ~4, as checkpoints calibrate it for such inputs
+SCHEMES = {"static": None, "token": 0, "group64": 64, "group128": 128, "nvfp4": NVFP4}
 DEFAULT_SCHEMES = ["static", "token", "group128"]
 
 
 def minimal_bytes(tokens: int, d: int, elem: int, group) -> int:
     b = tokens * 2 * d * elem + tokens * d  # input [T, 2d], fp8 output [T, d]
+    if group == NVFP4:  # packed e2m1 output and one e4m3 scale per 16 (no padding counted)
+        return b - tokens * d + tokens * d // 2 + tokens * d // 16 + 4
     if group is None:
         b += 4
     elif group == 0:
@@ -48,7 +54,25 @@ def minimal_bytes(tokens: int, d: int, elem: int, group) -> int:
     return b
 
 
+def make_nvfp4_impls(have_vllm):
+    impls = {"vllm_fusion": lambda x, s: torch.ops.vllm_fusion.silu_and_mul_nvfp4_quant(x, s)}
+    if have_vllm:
+        from vllm._custom_ops import create_fp4_output_tensors, scaled_fp4_quant
+
+        silu_mul = compile_inductor(vf.silu_and_mul_ref)
+        impls["inductor"] = lambda x, s: scaled_fp4_quant(silu_mul(x), s)
+
+        def vllm_fused(x, s):
+            out, scales = create_fp4_output_tensors(x.shape[0], x.shape[1] // 2, x.device, True)
+            torch.ops._C.silu_and_mul_nvfp4_quant(out, scales, x, s)
+            return out, scales
+        impls["vllm"] = vllm_fused
+    return impls
+
+
 def make_impls(group, fp8, have_vllm):
+    if group == NVFP4:
+        return make_nvfp4_impls(have_vllm)
     ops = torch.ops.vllm_fusion
     impls = {}
     if group is None:
@@ -95,17 +119,18 @@ def main() -> None:
     for scheme in args.schemes:
         group = SCHEMES[scheme]
         for d in args.hidden:
-            if group and d % group:
+            if d % (16 if group == NVFP4 else group or 1):
                 continue
             impls = make_impls(group, fp8, have_vllm)
             for tokens in args.tokens:
-                s = torch.tensor([0.02], device="cuda")
+                s = torch.tensor([NVFP4_GLOBAL_SCALE if group == NVFP4 else 0.02],
+                                 device="cuda")
 
                 def make_set():
                     return torch.randn(tokens, 2 * d, dtype=dtype, device="cuda"), s
 
                 sets = rotation(make_set, tokens * 2 * d * elem)
-                row = Row("silu_mul_fp8", scheme, tokens, d, args.dtype,
+                row = Row("silu_mul_nvfp4" if group == NVFP4 else "silu_mul_fp8", scheme, tokens, d, args.dtype,
                           minimal_bytes(tokens, d, elem, group))
                 for name in wanted:
                     if name in impls:

@@ -1,11 +1,13 @@
-"""Benchmark RMSNorm(+residual)+FP8 quant: vllm_fusion's kernels vs Inductor vs vLLM's.
+"""Benchmark RMSNorm(+residual)+FP8/NVFP4 quant: vllm_fusion's kernels vs Inductor vs vLLM's.
 
     python benchmarks/kernels/bench_norm_quant.py [--tokens ...] [--hidden ...]
         [--schemes static static_res token_res group128_res] [--json out.json] [--plot out.png]
 
 Implementations: ``vllm_fusion`` (torch.ops.vllm_fusion.*), ``inductor`` (torch.compile of the
 torch reference in vllm_fusion.ops, default mode, static shapes) and ``vllm`` (vLLM 0.26's
-torch.ops._C fused kernels, when vllm or --vllm-lib is available).
+torch.ops._C fused kernels, when vllm or --vllm-lib is available). NVFP4 (``nvfp4``,
+``nvfp4_res``; SM100 only): ``inductor`` is the unfused graph, Inductor's RMSNorm then vLLM's
+``scaled_fp4_quant`` kernel; vLLM 0.26 has no fused kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from vllm_fusion import _kernels  # noqa: E402
 from vllm_fusion import ops as vf  # noqa: E402
 
 EPS = 1e-6
+NVFP4 = "nvfp4"
+# A global scale as NVFP4 checkpoints calibrate it for randn activations: 6 * 448 / ~4.
+NVFP4_GLOBAL_SCALE = 672.0
 # scheme -> (group_size or None for static, residual)
 SCHEMES = {
     "static": (None, False),
@@ -42,6 +47,8 @@ SCHEMES = {
     "group64_res": (64, True),
     "group128": (128, False),
     "group128_res": (128, True),
+    "nvfp4": (NVFP4, False),
+    "nvfp4_res": (NVFP4, True),
 }
 DEFAULT_SCHEMES = ["static", "static_res", "token_res", "group128_res"]
 
@@ -51,6 +58,8 @@ def minimal_bytes(tokens: int, hidden: int, elem: int, group, residual: bool) ->
     b = n * elem + hidden * elem + n  # input, weight, fp8 output
     if residual:
         b += 2 * n * elem  # residual in, residual_out
+    if group == NVFP4:  # packed e2m1 output and one e4m3 scale per 16 (no padding counted)
+        return b - n + n // 2 + n // 16 + 4
     if group is None:
         b += 4  # static scale
     elif group == 0:
@@ -60,7 +69,29 @@ def minimal_bytes(tokens: int, hidden: int, elem: int, group, residual: bool) ->
     return b
 
 
+def make_nvfp4_impls(residual, have_vllm):
+    ops = torch.ops.vllm_fusion
+    impls = {}
+    if residual:
+        impls["vllm_fusion"] = lambda x, r, w, s: ops.fused_add_rms_norm_nvfp4_quant(
+            x, r, w, s, EPS)
+        norm = compile_inductor(lambda x, r, w: vf.fused_add_rms_norm_ref(x, r, w, EPS))
+    else:
+        impls["vllm_fusion"] = lambda x, r, w, s: ops.rms_norm_nvfp4_quant(x, w, s, EPS)
+        norm = compile_inductor(lambda x, r, w: (vf.rms_norm_ref(x, w, EPS), None))
+    if have_vllm:
+        from vllm._custom_ops import scaled_fp4_quant
+
+        def unfused(x, r, w, s):
+            y, residual_out = norm(x, r, w)
+            return (*scaled_fp4_quant(y, s), residual_out)
+        impls["inductor"] = unfused
+    return impls
+
+
 def make_impls(group, residual, fp8, have_vllm):
+    if group == NVFP4:
+        return make_nvfp4_impls(residual, have_vllm)
     ops = torch.ops.vllm_fusion
     impls = {}
     if group is None:
@@ -134,12 +165,13 @@ def main() -> None:
     for scheme in args.schemes:
         group, residual = SCHEMES[scheme]
         for hidden in args.hidden:
-            if group and hidden % group:
+            if hidden % (16 if group == NVFP4 else group or 1):
                 continue
             impls = make_impls(group, residual, fp8, have_vllm)
             for tokens in args.tokens:
                 w = torch.randn(hidden, dtype=dtype, device="cuda")
-                s = torch.tensor([0.02], device="cuda")
+                s = torch.tensor([NVFP4_GLOBAL_SCALE if group == NVFP4 else 0.02],
+                                 device="cuda")
 
                 def make_set():
                     x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
@@ -148,7 +180,7 @@ def main() -> None:
 
                 per_set = tokens * hidden * elem * (2 if residual else 1)
                 sets = rotation(make_set, per_set)
-                row = Row("rms_norm_fp8", scheme, tokens, hidden, args.dtype,
+                row = Row("rms_norm_nvfp4" if group == NVFP4 else "rms_norm_fp8", scheme, tokens, hidden, args.dtype,
                           minimal_bytes(tokens, hidden, elem, group, residual))
                 for name in wanted:
                     if name in impls:

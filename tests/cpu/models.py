@@ -13,6 +13,8 @@ SCHEMES = {
     "fp8-group128-colmajor": (False, (1, 128), True),
     "fp8-group64": (False, (1, 64), False),
     "fp8-group64-colmajor": (False, (1, 64), True),
+    # NVFP4 linear layers: vllm._custom_ops.scaled_fp4_quant with a global scale.
+    "nvfp4": (False, None, False),
 }
 
 
@@ -37,7 +39,8 @@ class QuantizedDecoderStack(torch.nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, eps: float,
-                 scheme: str, num_layers: int = 2, norm_dtype: torch.dtype | None = None):
+                 scheme: str, num_layers: int = 2, norm_dtype: torch.dtype | None = None,
+                 fp4_pad: int = 0):
         super().__init__()
         from vllm.model_executor.layers.activation import SiluAndMul
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -49,7 +52,10 @@ class QuantizedDecoderStack(torch.nn.Module):
         self.norms = torch.nn.ModuleList(
             RMSNorm(hidden, eps=eps, dtype=norm_dtype or dtype) for _ in range(2 * num_layers + 1)
         )
-        self.quant = make_quant(scheme)
+        self.nvfp4 = scheme == "nvfp4"
+        # NVFP4: quantize into buffers padded by this many columns (scaled_fp4_quant's padded_n).
+        self.fp4_pad = fp4_pad
+        self.quant = None if self.nvfp4 else make_quant(scheme)
         self.act = SiluAndMul()
         self.w_attn = torch.nn.Parameter(torch.randn(hidden, hidden, dtype=dtype), False)
         self.w_up = torch.nn.Parameter(torch.randn(hidden, 2 * intermediate, dtype=dtype), False)
@@ -57,10 +63,17 @@ class QuantizedDecoderStack(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.rand(1, dtype=torch.float32) + 0.5, False)
 
     def quantize(self, x: torch.Tensor):
+        if self.nvfp4:
+            from vllm import _custom_ops as ops
+
+            padded_n = x.shape[-1] + self.fp4_pad if self.fp4_pad else None
+            return ops.scaled_fp4_quant(x, self.scale, padded_n=padded_n)
         return self.quant(x, self.scale) if self.static else self.quant(x)
 
     def gemm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         q, scale = self.quantize(x)
+        if self.nvfp4:  # two e2m1 values per byte: the stand-in multiplies the bytes
+            weight = weight[: q.shape[-1]]
         return (q.to(self.dtype) @ weight) * scale.to(self.dtype).amax()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,29 @@ def test_nvfp4_model_keeps_vllms_silu_nvfp4_fusion():
     # FP8 models on the same card still get the package's pass.
     fp8 = resolve_fusion("fuse_act_quant", simulated_setup("sm100", quant="fp8-group", level=2))
     assert fp8.implementation == "vllm_fusion"
+
+
+def test_nvfp4_kernels_run_only_when_selected_on_sm100():
+    from vllm_fusion.resolver import resolve_fusion, simulated_setup
+
+    def decide(flag, platform="sm100", **kwargs):
+        return resolve_fusion(flag, simulated_setup(platform, quant="nvfp4", level=2, **kwargs))
+
+    # Compiled, never measured: RMSNorm+NVFP4 idles by default, SiLU+NVFP4 stays with vLLM.
+    norm = decide("fuse_norm_quant")
+    assert (norm.status, norm.implementation) == ("idle", "vllm_fusion")
+    assert "nvfp4" not in norm.schemes and "force_schemes" in norm.reason
+    for options in ({"force_schemes": True},
+                    {"scheme_overrides": {"fuse_norm_quant": ["nvfp4"],
+                                          "fuse_act_quant": ["nvfp4"]}}):
+        for flag in ("fuse_norm_quant", "fuse_act_quant"):
+            d = decide(flag, **options)
+            assert (d.status, d.implementation) == ("on", "vllm_fusion"), (flag, options)
+            assert "nvfp4" in d.schemes
+    # Elsewhere the package has no NVFP4 kernel, forced or not.
+    selected = {"scheme_overrides": {"fuse_norm_quant": ["nvfp4"], "fuse_act_quant": ["nvfp4"]}}
+    for platform, options in itertools.product(("sm90", "sm120"),
+                                               ({"force_schemes": True}, selected)):
+        norm = decide("fuse_norm_quant", platform, **options)
+        assert norm.status == "idle" and "nvfp4" not in norm.schemes, (platform, options)
+        assert decide("fuse_act_quant", platform, **options).implementation == "vllm"

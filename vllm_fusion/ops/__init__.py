@@ -15,6 +15,7 @@ import torch
 from vllm_fusion.ops import act_quant, norm_pad, norm_quant
 from vllm_fusion.ops.act_quant import (
     silu_and_mul_dynamic_fp8_quant_ref,
+    silu_and_mul_nvfp4_quant_ref,
     silu_and_mul_ref,
     silu_and_mul_static_fp8_quant_ref,
 )
@@ -30,12 +31,15 @@ from vllm_fusion.ops.fp8 import (
 from vllm_fusion.ops.norm_pad import fused_add_rms_norm_pad_ref, rms_norm_pad_ref
 from vllm_fusion.ops.norm_quant import (
     fused_add_rms_norm_dynamic_fp8_quant_ref,
+    fused_add_rms_norm_nvfp4_quant_ref,
     fused_add_rms_norm_ref,
     fused_add_rms_norm_static_fp8_quant_ref,
     rms_norm_dynamic_fp8_quant_ref,
+    rms_norm_nvfp4_quant_ref,
     rms_norm_ref,
     rms_norm_static_fp8_quant_ref,
 )
+from vllm_fusion.ops.nvfp4 import nvfp4_dequant_ref, nvfp4_quant_ref
 
 NAMESPACE = "vllm_fusion"
 OPS = norm_quant.OPS + act_quant.OPS + norm_pad.OPS
@@ -83,17 +87,22 @@ __all__ = [
     "fp8_min_scale",
     "fused_add_rms_norm_dynamic_fp8_quant_ref",
     "fused_add_rms_norm_pad_ref",
+    "fused_add_rms_norm_nvfp4_quant_ref",
     "fused_add_rms_norm_ref",
     "fused_add_rms_norm_static_fp8_quant_ref",
     "ops_defined",
+    "nvfp4_dequant_ref",
+    "nvfp4_quant_ref",
     "per_group_fp8_quant_ref",
     "per_token_fp8_quant_ref",
     "register_fakes",
     "rms_norm_dynamic_fp8_quant_ref",
     "rms_norm_pad_ref",
+    "rms_norm_nvfp4_quant_ref",
     "rms_norm_ref",
     "rms_norm_static_fp8_quant_ref",
     "silu_and_mul_dynamic_fp8_quant_ref",
+    "silu_and_mul_nvfp4_quant_ref",
     "silu_and_mul_ref",
     "silu_and_mul_static_fp8_quant_ref",
     "static_fp8_quant_ref",

@@ -6,6 +6,8 @@ Ops (``torch.ops.vllm_fusion.*``, kernels in csrc/act_quant_kernels.cu); ``input
     silu_and_mul_static_fp8_quant(input, scale) -> q
     silu_and_mul_dynamic_fp8_quant(input, group_size, scale_transposed, scale_ue8m0, scale_ub)
         -> (q, scales)
+    silu_and_mul_nvfp4_quant(input, global_scale) -> (q, block_scales)   (SM100+; q is
+        [rows, d / 2] and the block scales are swizzled, see :mod:`vllm_fusion.ops.nvfp4`)
 
 The reference is vLLM 0.26's unfused path: ``F.silu(x[..., :d]) * x[..., d:]`` in the input
 dtype (silu computed in fp32 and rounded, then the product rounded), then the quantization
@@ -25,10 +27,12 @@ from vllm_fusion.ops.fp8 import (
     fp8_dtype,
     static_fp8_quant_ref,
 )
+from vllm_fusion.ops.nvfp4 import check_width, empty_outputs, nvfp4_quant_ref
 
 OPS = (
     "silu_and_mul_static_fp8_quant",
     "silu_and_mul_dynamic_fp8_quant",
+    "silu_and_mul_nvfp4_quant",
 )
 
 
@@ -50,6 +54,12 @@ def silu_and_mul_dynamic_fp8_quant_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y = silu_and_mul_ref(input)
     return dynamic_fp8_quant_ref(y, group_size, scale_transposed, scale_ue8m0, scale_ub)
+
+
+def silu_and_mul_nvfp4_quant_ref(
+    input: torch.Tensor, global_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return nvfp4_quant_ref(silu_and_mul_ref(input), global_scale)
 
 
 def _out_shape(input: torch.Tensor) -> tuple[int, ...]:
@@ -81,3 +91,9 @@ def register_fakes() -> None:
         q = input.new_empty(shape, dtype=fp8_dtype(input.device))
         ngroups = shape[-1] // group_size if group_size else 1
         return q, empty_scales(input, shape, ngroups, scale_transposed)
+
+    @torch.library.register_fake("vllm_fusion::silu_and_mul_nvfp4_quant")
+    def _silu_and_mul_nvfp4_quant_fake(input, global_scale):
+        d = _out_shape(input)[-1]
+        check_width(d, "output width (half the last dim of input)")
+        return empty_outputs(input, input.numel() // input.shape[-1], d)

@@ -10,6 +10,12 @@ Ops (``torch.ops.vllm_fusion.*``, kernels in csrc/norm_quant_kernels.cu)::
     fused_add_rms_norm_dynamic_fp8_quant(input, residual, weight, epsilon, group_size,
                                          scale_transposed, scale_ue8m0, scale_ub)
         -> (q, residual_out, scales)
+    rms_norm_nvfp4_quant(input, weight, global_scale, epsilon) -> (q, block_scales)
+    fused_add_rms_norm_nvfp4_quant(input, residual, weight, global_scale, epsilon)
+        -> (q, residual_out, block_scales)
+
+The NVFP4 ops (SM100+) produce what ``scaled_fp4_quant`` of the normalized rows does (see
+:mod:`vllm_fusion.ops.nvfp4`): ``q`` is ``[rows, H / 2]`` whatever the input's rank.
 
 The references compose vLLM 0.26's native ``vllm_ir.rms_norm`` / ``fused_add_rms_norm``
 (fp32 math, the normalized value rounded to the input dtype, then a multiply by the weight in
@@ -30,12 +36,15 @@ from vllm_fusion.ops.fp8 import (
     fp8_dtype,
     static_fp8_quant_ref,
 )
+from vllm_fusion.ops.nvfp4 import check_width, empty_outputs, nvfp4_quant_ref
 
 OPS = (
     "rms_norm_static_fp8_quant",
     "fused_add_rms_norm_static_fp8_quant",
     "rms_norm_dynamic_fp8_quant",
     "fused_add_rms_norm_dynamic_fp8_quant",
+    "rms_norm_nvfp4_quant",
+    "fused_add_rms_norm_nvfp4_quant",
 )
 
 
@@ -106,7 +115,31 @@ def fused_add_rms_norm_dynamic_fp8_quant_ref(
     return q, residual_out, scales
 
 
+def rms_norm_nvfp4_quant_ref(
+    input: torch.Tensor, weight: torch.Tensor, global_scale: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return nvfp4_quant_ref(rms_norm_ref(input, weight, epsilon), global_scale)
+
+
+def fused_add_rms_norm_nvfp4_quant_ref(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    global_scale: torch.Tensor,
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, residual_out = fused_add_rms_norm_ref(input, residual, weight, epsilon)
+    q, scales = nvfp4_quant_ref(y, global_scale)
+    return q, residual_out, scales
+
+
 # ----------------------------------------------------------------------------- fake impls
+
+
+def _fake_nvfp4(input):
+    hidden = input.shape[-1]
+    check_width(hidden, "hidden size (last dim of input)")
+    return empty_outputs(input, input.numel() // hidden, hidden)
 
 
 def _fake_dynamic(input, group_size, scale_transposed, scale_ue8m0):
@@ -156,4 +189,13 @@ def register_fakes() -> None:
         if scale_ub is not None:
             check_scale_scalar(op, "scale_ub", scale_ub, input)
         q, scales = _fake_dynamic(input, group_size, scale_transposed, scale_ue8m0)
+        return q, input.new_empty(input.shape), scales
+
+    @torch.library.register_fake("vllm_fusion::rms_norm_nvfp4_quant")
+    def _rms_norm_nvfp4_quant_fake(input, weight, global_scale, epsilon):
+        return _fake_nvfp4(input)
+
+    @torch.library.register_fake("vllm_fusion::fused_add_rms_norm_nvfp4_quant")
+    def _fused_add_rms_norm_nvfp4_quant_fake(input, residual, weight, global_scale, epsilon):
+        q, scales = _fake_nvfp4(input)
         return q, input.new_empty(input.shape), scales

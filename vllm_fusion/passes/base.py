@@ -25,7 +25,7 @@ from vllm_fusion import _kernels
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
 from vllm_fusion.passes import graph_snapshot
-from vllm_fusion.passes.quant_schemes import FP8_SCHEMES, FP8Scheme
+from vllm_fusion.passes.quant_schemes import FP8_SCHEMES, NVFP4, FP8Scheme, nvfp4_quant_op
 from vllm_fusion.version import __version__
 
 logger = init_logger(__name__)
@@ -69,6 +69,11 @@ class FusionPass(VllmFusionPatternMatcherPass):
     def schemes(self) -> list[FP8Scheme]:
         """The quantization schemes the matrix lets this fusion take on this platform."""
         return [s for s in FP8_SCHEMES if self.settings.fuses_scheme(self.flag, s.family)]
+
+    def fuses_nvfp4(self) -> bool:
+        """Whether the matrix lets this fusion take NVFP4 here (SM100 only) and vLLM emits
+        NVFP4 quant (``_C.scaled_fp4_quant``) that the patterns can match."""
+        return self.settings.fuses_scheme(self.flag, NVFP4) and nvfp4_quant_op() is not None
 
     def is_applicable_for_range(self, compile_range) -> bool:
         """Only where the matrix says the kernel beats the unfused graph."""

@@ -1,4 +1,5 @@
-"""The FP8 quantization schemes the fused kernels produce, as vLLM 0.26 emits them."""
+"""The quantization schemes the fused kernels produce, as vLLM 0.26 emits them: FP8
+(``QuantFP8``, custom op or native) and NVFP4 (``scaled_fp4_quant``, SM100+)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch._inductor.pattern_matcher as pm
+from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from vllm.platforms import current_platform
-from vllm.compilation.passes.fusion.matcher_utils import MatcherQuantFP8
+from vllm.compilation.passes.fusion.matcher_utils import QUANT_OPS, MatcherQuantFP8
 from vllm.model_executor.layers.quantization.utils.quant_utils import (
     QuantKey,
     get_fp8_min_max,
@@ -15,6 +17,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kFp8Dynamic128Sym,
     kFp8DynamicTokenSym,
     kFp8StaticTensorSym,
+    kNvfp4Dynamic,
 )
 
 
@@ -127,3 +130,54 @@ def fake_value(match: pm.Match, name: str) -> torch.Tensor | None:
 
 def last_dim_contiguous(t: torch.Tensor | None) -> bool:
     return t is not None and t.dim() >= 1 and t.stride(-1) == 1
+
+
+# ----------------------------------------------------------------------------- NVFP4
+
+NVFP4 = "nvfp4"  # the matrix's scheme family
+NVFP4_BLOCK = 16
+
+
+def nvfp4_quant_op():
+    """vLLM's ``_C.scaled_fp4_quant.out``; None where vLLM has no NVFP4 quant (not CUDA)."""
+    return QUANT_OPS.get(kNvfp4Dynamic)
+
+
+def nvfp4_quantize(y, global_scale, output, output_scale):
+    """What ``vllm._custom_ops.scaled_fp4_quant(y, global_scale)`` leaves in the graph: its
+    out-variant, functionalized, writing the buffers it allocated (pattern inputs here, so
+    any allocation matches). Returns ``(q, block_scales)``."""
+    at = auto_functionalized(
+        nvfp4_quant_op(),
+        input=y,
+        input_scale=global_scale,
+        is_sf_swizzled_layout=True,
+        output=output,
+        output_scale=output_scale,
+    )
+    return at[1], at[2]
+
+
+def nvfp4_example_buffers(tokens: int, hidden: int) -> list[torch.Tensor]:
+    """Pattern example inputs: the output and swizzled scale buffers of ``[tokens, hidden]``."""
+    rows = (tokens + 127) // 128 * 128
+    k_tiles = (hidden // NVFP4_BLOCK + 3) // 4
+    return [
+        torch.empty(tokens, hidden // 2, dtype=torch.uint8, device="cuda"),
+        torch.empty(rows, k_tiles, dtype=torch.int32, device="cuda"),
+    ]
+
+
+def nvfp4_buffers_ok(match: pm.Match, hidden: int) -> bool:
+    """The matched quant writes exactly what the fused op returns: ``[m, hidden / 2]`` and the
+    swizzled scales of ``hidden`` (not buffers padded to a larger K, ``padded_n``)."""
+    out, scales = fake_value(match, "output"), fake_value(match, "output_scale")
+    gs = fake_value(match, "global_scale")
+    if out is None or scales is None or gs is None or hidden % NVFP4_BLOCK:
+        return False
+    k_tiles = (hidden // NVFP4_BLOCK + 3) // 4
+    return (
+        out.dtype == torch.uint8 and out.dim() == 2 and out.shape[-1] == hidden // 2
+        and scales.dtype == torch.int32 and scales.dim() == 2 and scales.shape[-1] == k_tiles
+        and gs.dtype == torch.float32 and gs.numel() == 1
+    )

@@ -1,11 +1,13 @@
-"""RMSNorm (+ residual add) followed by FP8 quantization -> one fused kernel.
+"""RMSNorm (+ residual add) followed by FP8 or NVFP4 quantization -> one fused kernel.
 
 Matches what vLLM 0.26 emits: the unlowered ``vllm_ir.rms_norm`` /
 ``vllm_ir.fused_add_rms_norm`` node followed by ``QuantFP8`` as a custom op or in
 native torch (whichever the model's ``custom_ops`` produce), for static
-per-tensor, dynamic per-token and dynamic per-group (64/128) scales. Each site
-becomes one ``torch.ops.vllm_fusion.*`` call that reads the input once and
-writes the quantized output (and the new residual) once.
+per-tensor, dynamic per-token and dynamic per-group (64/128) scales, or by
+``scaled_fp4_quant`` (NVFP4 with swizzled block scales, SM100; vLLM 0.26 has no
+fusion of its own for it). Each site becomes one ``torch.ops.vllm_fusion.*`` call
+that reads the input once and writes the quantized output (and the new residual)
+once.
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ from vllm_fusion.ops.fp8 import check_dynamic_args
 from vllm_fusion.passes.base import FusionPass, FusionPattern
 from vllm_fusion.passes.quant_schemes import (
     EPSILONS,
+    NVFP4,
     FP8Scheme,
     fake_value,
+    last_dim_contiguous,
+    nvfp4_buffers_ok,
+    nvfp4_example_buffers,
+    nvfp4_quantize,
 )
 
 _OPS = torch.ops.vllm_fusion
@@ -135,8 +142,71 @@ class RMSNormQuantPattern(FusionPattern):
         return replacement
 
 
+def _norm_operands_ok(match: pm.Match) -> tuple[bool, int]:
+    """(the kernel takes x and weight, hidden size)."""
+    x, weight = fake_value(match, "x"), fake_value(match, "weight")
+    if x is None or weight is None:
+        return False, 0
+    ok = (
+        x.dtype == weight.dtype  # the kernel takes one dtype for both
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and last_dim_contiguous(x)
+    )
+    return ok, x.shape[-1]
+
+
+class RMSNormNvfp4QuantPattern(FusionPattern):
+    """``rms_norm`` or ``fused_add_rms_norm`` (``fused_add``) then ``scaled_fp4_quant``."""
+
+    def __init__(self, epsilon: float, fused_add: bool, dtype: torch.dtype):
+        self.epsilon = epsilon
+        self.fused_add = fused_add
+        self.dtype = dtype
+
+    def describe(self) -> str:
+        add = "fused_add_" if self.fused_add else ""
+        return f"{add}rms_norm+{NVFP4}@eps={self.epsilon}"
+
+    def extra_check(self, match: pm.Match) -> bool:
+        ok, hidden = _norm_operands_ok(match)
+        return ok and nvfp4_buffers_ok(match, hidden)
+
+    def get_inputs(self) -> list[torch.Tensor]:
+        x = torch.empty(_TOKENS, _HIDDEN, dtype=self.dtype, device="cuda")
+        weight = torch.empty(_HIDDEN, dtype=self.dtype, device="cuda")
+        global_scale = torch.empty(1, dtype=torch.float32, device="cuda")
+        residual = [torch.empty_like(x)] if self.fused_add else []
+        return [x, weight, *residual, global_scale,
+                *nvfp4_example_buffers(_TOKENS, _HIDDEN)]
+
+    @property
+    def pattern(self):
+        eps = self.epsilon
+        if self.fused_add:
+            def pattern(x, weight, residual, global_scale, output, output_scale):
+                y, residual_out = vllm.ir.ops.fused_add_rms_norm(x, residual, weight, eps)
+                q, scales = nvfp4_quantize(y, global_scale, output, output_scale)
+                return q, residual_out, scales
+        else:
+            def pattern(x, weight, global_scale, output, output_scale):
+                y = vllm.ir.ops.rms_norm(x, weight, eps)
+                return nvfp4_quantize(y, global_scale, output, output_scale)
+        return pattern
+
+    @property
+    def replacement(self):
+        eps = self.epsilon
+        if self.fused_add:
+            def replacement(x, weight, residual, global_scale, output, output_scale):
+                return _OPS.fused_add_rms_norm_nvfp4_quant(x, residual, weight, global_scale, eps)
+        else:
+            def replacement(x, weight, global_scale, output, output_scale):
+                return _OPS.rms_norm_nvfp4_quant(x, weight, global_scale, eps)
+        return replacement
+
+
 class RMSNormQuantFusionPass(FusionPass):
-    """``fuse_norm_quant``: RMSNorm (+residual) + FP8 quant -> one kernel."""
+    """``fuse_norm_quant``: RMSNorm (+residual) + FP8 / NVFP4 quant -> one kernel."""
 
     flag = "fuse_norm_quant"
     name = "rmsnorm_quant_fusion_pass"
@@ -149,4 +219,7 @@ class RMSNormQuantFusionPass(FusionPass):
                 # The fused-add form first: it is the larger pattern.
                 for fused_add in (True, False):
                     self.register(RMSNormQuantPattern(epsilon, scheme, fused_add, dtype))
+            if self.fuses_nvfp4():
+                for fused_add in (True, False):
+                    self.register(RMSNormNvfp4QuantPattern(epsilon, fused_add, dtype))
         self.dump_patterns(config, self.pm_pass)
