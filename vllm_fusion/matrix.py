@@ -234,13 +234,7 @@ def platform_id(platform=None) -> str:
     if platform is None:
         from vllm.platforms import current_platform as platform
     if platform.is_rocm():
-        import torch
-
-        try:
-            arch = torch.cuda.get_device_properties(0).gcnArchName
-        except (RuntimeError, AssertionError):
-            return "rocm"
-        return arch.split(":")[0]
+        return _gcn_arch()
     if platform.is_cuda():
         capability = platform.get_device_capability()
         if capability is None:
@@ -249,3 +243,20 @@ def platform_id(platform=None) -> str:
         # Architecture families share kernels and measurements.
         return {10: "sm100", 11: "sm100", 12: "sm120"}.get(major, f"sm{major}{minor}")
     return "cpu" if platform.is_cpu() else "unknown"
+
+
+def _gcn_arch() -> str:
+    """``gfx942`` (target features dropped): vLLM's own reading, which asks amdsmi and so
+    initialises no GPU, else torch's; ``rocm`` when neither knows."""
+    try:
+        from vllm.platforms import rocm
+
+        arch = rocm._GCN_ARCH
+    except Exception:
+        import torch
+
+        try:
+            arch = torch.cuda.get_device_properties(0).gcnArchName
+        except (RuntimeError, AssertionError):
+            return "rocm"
+    return arch.split(":")[0] or "rocm"

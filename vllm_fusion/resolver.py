@@ -174,7 +174,8 @@ def probe_aiter() -> bool | None:
         from vllm._aiter_ops import rocm_aiter_ops
     except Exception:
         return None
-    return _safe(rocm_aiter_ops.is_enabled, None)
+    # is_enabled() answers None (not False) where AITER is unsupported or not installed.
+    return _safe(lambda: bool(rocm_aiter_ops.is_enabled()), None)
 
 
 def probe_aiter_ops() -> tuple[str, ...]:
