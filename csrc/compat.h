@@ -67,7 +67,11 @@ __device__ __forceinline__ half_t from_float<half_t>(float v) {
 }
 template <>
 __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
+#ifdef USE_ROCM
+  return __float2bfloat16(v);  // round to nearest even; HIP before 7.0 lacks the _rn name
+#else
   return __float2bfloat16_rn(v);
+#endif
 }
 
 // ---------------------------------------------------------------- FP8 (e4m3)
@@ -76,11 +80,27 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
 // saturating conversion equals torch's round-to-nearest-even cast.
 //
 // Two floats -> two e4m3 bytes (low byte = a).
+#ifdef USE_ROCM
+// The e4m3 flavour to convert to. gfx94x convert only to fnuz in hardware, gfx950 / gfx12 only
+// to OCP, and HIP's fp8 header traps on the other flavour there; the host picks the same one
+// from the arch name, so it is fixed at compile time where the chip has only one.
+__device__ __forceinline__ __hip_fp8_interpretation_t fp8_format(bool fnuz) {
+  #if defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__)
+  (void)fnuz;
+  return __HIP_E4M3_FNUZ;
+  #elif defined(__gfx950__) || defined(__gfx1200__) || defined(__gfx1201__)
+  (void)fnuz;
+  return __HIP_E4M3;
+  #else
+  return fnuz ? __HIP_E4M3_FNUZ : __HIP_E4M3;
+  #endif
+}
+#endif
+
 __device__ __forceinline__ uint16_t float2_to_fp8x2(float a, float b, bool fnuz) {
 #ifdef USE_ROCM
-  const auto fmt = fnuz ? __HIP_E4M3_FNUZ : __HIP_E4M3;
   return static_cast<uint16_t>(
-      __hip_cvt_float2_to_fp8x2(make_float2(a, b), __HIP_SATFINITE, fmt));
+      __hip_cvt_float2_to_fp8x2(make_float2(a, b), __HIP_SATFINITE, fp8_format(fnuz)));
 #else
   (void)fnuz;
   return static_cast<uint16_t>(
@@ -90,8 +110,7 @@ __device__ __forceinline__ uint16_t float2_to_fp8x2(float a, float b, bool fnuz)
 
 __device__ __forceinline__ uint8_t float_to_fp8(float a, bool fnuz) {
 #ifdef USE_ROCM
-  const auto fmt = fnuz ? __HIP_E4M3_FNUZ : __HIP_E4M3;
-  return static_cast<uint8_t>(__hip_cvt_float_to_fp8(a, __HIP_SATFINITE, fmt));
+  return static_cast<uint8_t>(__hip_cvt_float_to_fp8(a, __HIP_SATFINITE, fp8_format(fnuz)));
 #else
   (void)fnuz;
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(a, __NV_SATFINITE, __NV_E4M3));

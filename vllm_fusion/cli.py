@@ -1,7 +1,8 @@
 """``vllm-fusion``: what the package is and what it would do on this machine.
 
     vllm-fusion doctor [--json]
-    vllm-fusion matrix [--platform ID] [--tp N] [--quant SCHEME] [--level O2] [--json|--markdown]
+    vllm-fusion matrix [--platform ID] [--tp N] [--quant SCHEME] [--level O2] [--no-aiter]
+                       [--json|--markdown]
 """
 
 from __future__ import annotations
@@ -63,12 +64,29 @@ def _nvlink_multicast() -> str:
 
 def _machine_setup(level: int = 2, tp: int = 1, quant: str | None = "unquantized"):
     from vllm_fusion import _kernels
-    from vllm_fusion.matrix import platform_id
-    from vllm_fusion.resolver import Setup, probe_aiter, probe_flashinfer
+    from vllm_fusion.matrix import platform_id, platform_vendor
+    from vllm_fusion.resolver import Setup, probe_aiter, probe_aiter_ops, probe_flashinfer
 
-    return Setup(platform=platform_id(), level=level, tp=tp, quant=quant,
+    platform = platform_id()
+    return Setup(platform=platform, level=level, tp=tp, quant=quant,
                  has_flashinfer=probe_flashinfer(), has_aiter=probe_aiter(),
+                 aiter_ops=probe_aiter_ops() if platform_vendor(platform) == "rocm" else None,
                  kernels_loaded=_kernels.load().loaded)
+
+
+def _aiter_ops_report() -> str:
+    """Which of the AITER ops the matrix's AITER routes call this process has."""
+    from vllm_fusion.matrix import load_full_matrix
+    from vllm_fusion.resolver import probe_aiter_ops
+
+    wanted = sorted({op for cap in load_full_matrix().fusions.values()
+                     for row in cap.rocm.values() for op in row.all_aiter_ops()})
+    found = set(probe_aiter_ops())
+    if not found:
+        return f"none of the {len(wanted)} AITER ops the ROCm routes call (AITER not installed)"
+    missing = [op for op in wanted if op not in found]
+    return (f"{len(found)}/{len(wanted)} present" +
+            (f", missing {', '.join(missing)}" if missing else ""))
 
 
 def doctor_report() -> dict:
@@ -97,14 +115,27 @@ def doctor_report() -> dict:
         },
         "flashinfer_ops": _probe_ops("flashinfer.comm", "allreduce_fusion",
                                      "create_allreduce_fusion_workspace"),
-        "aiter_ops": _probe_ops("aiter", "rmsnorm2d_fwd_with_add"),
+        "aiter_ops": _aiter_ops_report(),
+        "aiter_enabled": _aiter_enabled(),
         "nvlink_multicast": _nvlink_multicast(),
         "platform": setup.platform,
         "levels": {
             f"O{level}": [flag for flag, d in decisions.items() if d.enabled]
             for level, decisions in resolve_levels(setup).items()
         },
+        # Who runs each fusion at -O2 here: vllm_fusion, vllm, aiter (vLLM's AITER pass), off.
+        "routes_O2": {flag: d.route or "off"
+                      for flag, d in resolve_levels(setup, [2])[2].items()},
     }
+
+
+def _aiter_enabled() -> str:
+    from vllm_fusion.resolver import probe_aiter
+
+    enabled = probe_aiter()
+    if enabled is None:
+        return "unknown (vLLM's AITER probe failed)"
+    return "yes" if enabled else "no (needs ROCm gfx942/gfx950, amd-aiter, VLLM_ROCM_USE_AITER=1)"
 
 
 def _print_doctor(report: dict) -> None:
@@ -119,7 +150,7 @@ def _print_doctor(report: dict) -> None:
     table.add_row("vLLM", f"{report['vllm']}" + ("" if supported else
                   f"  [red](supported: {', '.join(report['vllm_supported'])})[/red]"))
     for key in ("torch", "python", "flashinfer", "flashinfer_ops", "amd-aiter", "aiter_ops",
-                "gpu", "platform", "nvlink_multicast"):
+                "aiter_enabled", "gpu", "platform", "nvlink_multicast"):
         table.add_row(key, str(report[key]))
     kernel_style = "green" if report["kernels"]["loaded"] else "red"
     table.add_row("kernels", f"[{kernel_style}]{report['kernels']['detail']}[/{kernel_style}]")
@@ -129,9 +160,11 @@ def _print_doctor(report: dict) -> None:
     fusions.add_column("implementation")
     for level in report["levels"]:
         fusions.add_column(f"-{level}")
+    fusions.add_column("-O2 runs")
     for flag, impl in report["fusions"].items():
         fusions.add_row(flag, impl, *("on" if flag in enabled else "-"
-                                      for enabled in report["levels"].values()))
+                                      for enabled in report["levels"].values()),
+                        report["routes_O2"][flag])
     console.print(fusions)
     console.print("TP=1, unquantized model; `vllm-fusion matrix` shows why (and other setups).")
 
@@ -166,7 +199,7 @@ def _flag(text: str) -> tuple[str, bool]:
 
 
 def matrix_report(platform: str | None, tp: int, quant: str, levels: list[int],
-                  flags: dict[str, bool], pp: int = 1) -> dict:
+                  flags: dict[str, bool], pp: int = 1, aiter: bool | None = None) -> dict:
     from vllm_fusion.resolver import resolve_levels, simulated_setup
 
     if platform is None:
@@ -175,7 +208,8 @@ def matrix_report(platform: str | None, tp: int, quant: str, levels: list[int],
         setup = replace(_machine_setup(tp=tp, quant=quant), flags=flags, pp=pp)
         simulated = False
     else:
-        setup = simulated_setup(platform, tp=tp, quant=quant, flags=flags, pp=pp)
+        extra = {} if aiter is None else {"has_aiter": aiter}
+        setup = simulated_setup(platform, tp=tp, quant=quant, flags=flags, pp=pp, **extra)
         simulated = True
     note = None
     if setup.vendor not in ("cuda", "rocm"):
@@ -214,8 +248,8 @@ def _print_matrix(report: dict) -> None:
         table.add_column("why")
         for flag, d in decisions.items():
             style = _STATUS_STYLE[d["status"]]
-            table.add_row(flag, f"[{style}]{d['status']}[/{style}]", d["implementation"],
-                          d["reason"])
+            table.add_row(flag, f"[{style}]{d['status']}[/{style}]",
+                          d["route"] or d["implementation"], d["reason"])
         console.print(table)
     console.print("on: runs and fuses this scheme; idle: its pass runs but fuses nothing of "
                   "this scheme; off: not run.")
@@ -250,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="O0..O3 (repeatable; default: all four)")
     matrix.add_argument("--set", type=_flag, action="append", default=[], metavar="FLAG=BOOL",
                         help="an explicit -cc.pass_config flag, e.g. fuse_norm_quant=false")
+    matrix.add_argument("--no-aiter", dest="aiter", action="store_false", default=None,
+                        help="simulate a ROCm machine without AITER (default: AITER installed "
+                             "and enabled where vLLM enables it)")
     output = matrix.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON instead of tables")
     output.add_argument("--markdown", action="store_true",
@@ -264,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = matrix_report(args.platform, args.tp, args.quant,
                                sorted(set(args.level or [0, 1, 2, 3])), dict(args.set),
-                               pp=args.pp)
+                               pp=args.pp, aiter=args.aiter)
         _emit(report, args.json, _print_matrix)
         return 0
 

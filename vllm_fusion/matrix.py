@@ -13,6 +13,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 IMPLEMENTATIONS = ("vllm_fusion", "vllm")
+# What runs a fusion on an AMD GPU: this package's HIP kernel, vLLM's own AITER pass (the package
+# delegates to it), vLLM's own non-AITER pass, or nothing.
+ROCM_ROUTES = ("vllm_fusion", "aiter", "vllm", "off")
+# Key of RocmRow.aiter_ops for an AITER op that serves every scheme.
+ALL_SCHEMES = "all"
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,29 @@ class SchemeVerdict:
 
 
 @dataclass(frozen=True)
+class RocmRow:
+    """What runs a fusion on one AMD GPU, and why."""
+
+    route: str
+    reason: str
+    # route "aiter": scheme (or ALL_SCHEMES) -> the AITER ops vLLM's AITER pass calls for it.
+    aiter_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # route "aiter": what runs for the schemes AITER has no fused op for, and without AITER.
+    fallback: str = "off"
+
+    def aiter_ops_for(self, scheme: str | None) -> tuple[str, ...] | None:
+        """The AITER ops the AITER route needs for ``scheme``; None: no AITER route for it."""
+        if self.route != "aiter":
+            return None
+        if ALL_SCHEMES in self.aiter_ops:
+            return self.aiter_ops[ALL_SCHEMES]
+        return self.aiter_ops.get(scheme or "")
+
+    def all_aiter_ops(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(op for ops in self.aiter_ops.values() for op in ops))
+
+
+@dataclass(frozen=True)
 class FusionCapability:
     flag: str
     platforms: tuple[str, ...]
@@ -60,6 +88,8 @@ class FusionCapability:
     needs_aiter: bool = False
     dtypes: tuple[str, ...] = ()
     quant_only: bool = False
+    # ROCm platform id -> what runs there
+    rocm: dict[str, RocmRow] = field(default_factory=dict)
 
     def supported_on(self, platform_id: str) -> bool:
         return platform_id in self.platforms
@@ -100,6 +130,23 @@ def _supported(value, where: str):
     raise MatrixError(f"{where}.supported must be a bool or a list of platform ids, got {value!r}")
 
 
+def _rocm_row(raw: dict, where: str, schemes: dict) -> RocmRow:
+    route, fallback = raw.get("route"), raw.get("fallback", "off")
+    if route not in ROCM_ROUTES:
+        raise MatrixError(f"{where}.route must be one of {ROCM_ROUTES}, got {route!r}")
+    if fallback not in ROCM_ROUTES or fallback == "aiter":
+        raise MatrixError(f"{where}.fallback must be vllm_fusion, vllm or off, got {fallback!r}")
+    aiter_ops = {k: tuple(v) for k, v in raw.get("aiter_ops", {}).items()}
+    if (route == "aiter") != bool(aiter_ops):
+        raise MatrixError(f"{where}: aiter_ops is required with route 'aiter' and only there")
+    for key in aiter_ops:
+        if key != ALL_SCHEMES and schemes and key not in schemes:
+            raise MatrixError(f"{where}.aiter_ops: unknown scheme {key!r}")
+    if not raw.get("reason"):
+        raise MatrixError(f"{where}.reason is required")
+    return RocmRow(route, raw["reason"], aiter_ops, fallback)
+
+
 def _parse(raw: dict) -> Matrix:
     platforms = {
         pid: Platform(pid, entry["vendor"], entry["label"])
@@ -125,6 +172,18 @@ def _parse(raw: dict) -> Matrix:
                 v.get("reason", ""),
                 bool(v.get("vllm_fuses", False)),
             )
+        rocm = {}
+        for pid, row in entry.get("rocm", {}).items():
+            if platforms and platforms.get(pid, Platform(pid, "", "")).vendor != "rocm":
+                raise MatrixError(f"{where}.rocm: {pid!r} is not a ROCm platform")
+            rocm[pid] = _rocm_row(row, f"{where}.rocm.{pid}", schemes)
+            runs_there = rocm[pid].route != "off"
+            if runs_there != (pid in entry["platforms"]):
+                raise MatrixError(f"{where}.rocm.{pid}: route {rocm[pid].route!r} contradicts "
+                                  f"{where}.platforms")
+            if "vllm_fusion" in (rocm[pid].route, rocm[pid].fallback) and \
+                    implementation != "vllm_fusion":
+                raise MatrixError(f"{where}.rocm.{pid}: no vllm_fusion kernel for this fusion")
         fusions[flag] = FusionCapability(
             flag=flag,
             platforms=tuple(entry["platforms"]),
@@ -142,6 +201,7 @@ def _parse(raw: dict) -> Matrix:
             needs_aiter=bool(entry.get("needs_aiter", False)),
             dtypes=tuple(entry.get("dtypes", ())),
             quant_only=bool(entry.get("quant_only", False)),
+            rocm=rocm,
         )
     return Matrix(platforms, schemes, fusions)
 
@@ -174,13 +234,7 @@ def platform_id(platform=None) -> str:
     if platform is None:
         from vllm.platforms import current_platform as platform
     if platform.is_rocm():
-        import torch
-
-        try:
-            arch = torch.cuda.get_device_properties(0).gcnArchName
-        except (RuntimeError, AssertionError):
-            return "rocm"
-        return arch.split(":")[0]
+        return _gcn_arch()
     if platform.is_cuda():
         capability = platform.get_device_capability()
         if capability is None:
@@ -189,3 +243,20 @@ def platform_id(platform=None) -> str:
         # Architecture families share kernels and measurements.
         return {10: "sm100", 11: "sm100", 12: "sm120"}.get(major, f"sm{major}{minor}")
     return "cpu" if platform.is_cpu() else "unknown"
+
+
+def _gcn_arch() -> str:
+    """``gfx942`` (target features dropped): vLLM's own reading, which asks amdsmi and so
+    initialises no GPU, else torch's; ``rocm`` when neither knows."""
+    try:
+        from vllm.platforms import rocm
+
+        arch = rocm._GCN_ARCH
+    except Exception:
+        import torch
+
+        try:
+            arch = torch.cuda.get_device_properties(0).gcnArchName
+        except (RuntimeError, AssertionError):
+            return "rocm"
+    return arch.split(":")[0] or "rocm"

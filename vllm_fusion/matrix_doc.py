@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from vllm_fusion.matrix import load_full_matrix
+from vllm_fusion.matrix import ALL_SCHEMES, RocmRow, load_full_matrix
 from vllm_fusion.resolver import LEVELS, resolve_fusion, simulated_setup
 
 
@@ -22,6 +22,15 @@ def _first_level(flag: str, platform: str, tp: int) -> str:
         if resolve_fusion(flag, simulated_setup(platform, tp=tp, level=level)).enabled:
             return f"O{level}"
     return "-"
+
+
+def _rocm_cell(row: RocmRow | None) -> str:
+    if row is None:
+        return "?"
+    if row.route != "aiter":
+        return row.route
+    schemes = "all schemes" if ALL_SCHEMES in row.aiter_ops else ", ".join(row.aiter_ops)
+    return f"aiter ({schemes}), else {row.fallback}"
 
 
 def render_markdown() -> str:
@@ -60,6 +69,21 @@ def render_markdown() -> str:
         cells = [f"{_first_level(flag, p, 1)} / {_first_level(flag, p, 2)}" for p in m.platforms]
         add(f"| `{flag}` | " + " | ".join(cells) + " |")
     add("")
+    add("## ROCm: what runs on each AMD GPU")
+    add("")
+    add("`vllm_fusion`: this package's HIP kernel; `aiter`: vLLM 0.26's own AITER pass, to which "
+        "the package delegates (vLLM enables AITER on gfx942/gfx950 only, with `amd-aiter` "
+        "installed and `VLLM_ROCM_USE_AITER=1`); `vllm`: vLLM's own non-AITER pass; `off`. The "
+        "AITER route is taken for the schemes named when AITER has every op it calls; other "
+        "schemes, and machines without AITER, take the fallback after `else`. None of this has "
+        "run on AMD hardware: see docs/rocm.md.")
+    add("")
+    rocm = [pid for pid, p in m.platforms.items() if p.vendor == "rocm"]
+    add("| fusion | " + " | ".join(rocm) + " |")
+    add("|---|" + "---|" * len(rocm))
+    for flag, cap in m.fusions.items():
+        add(f"| `{flag}` | " + " | ".join(_rocm_cell(cap.rocm.get(p)) for p in rocm) + " |")
+    add("")
     add("## Platforms and schemes")
     add("")
     add("| platform | vendor | hardware |")
@@ -85,6 +109,10 @@ def render_markdown() -> str:
         if cap.dtypes:
             needs.append(f"model dtype {'/'.join(cap.dtypes)}")
         add(f"- needs: {', '.join(needs) or 'nothing else'}")
+        for pid, row in cap.rocm.items():
+            ops = "; ".join(f"{k}: {', '.join(v)}" for k, v in row.aiter_ops.items())
+            add(f"- ROCm {pid}: **{_rocm_cell(row)}**: {row.reason}"
+                + (f" (AITER ops: {ops})" if ops else ""))
         add("")
         add("| scheme | fused | why | fused by default on | measurement |")
         add("|---|---|---|---|---|")

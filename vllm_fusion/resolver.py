@@ -65,6 +65,8 @@ class Setup:
     # None: unknown (assumed present when simulating)
     has_flashinfer: bool | None = None
     has_aiter: bool | None = None
+    # AITER ops found (vllm_fusion.aiter names); None: not probed, all assumed present
+    aiter_ops: tuple[str, ...] | None = None
     kernels_loaded: bool = True
     # additional_config["vllm_fusion"]
     package_enabled: bool = True
@@ -80,6 +82,7 @@ class Setup:
         d["flags"] = dict(self.flags)
         d["scheme_overrides"] = {k: list(v) for k, v in self.scheme_overrides.items()}
         d["custom_ops"] = list(self.custom_ops)
+        d["aiter_ops"] = None if self.aiter_ops is None else list(self.aiter_ops)
         return d
 
     @classmethod
@@ -106,8 +109,9 @@ class Setup:
             if _safe(lambda op=op: compilation.is_custom_op_enabled(op), False)
         )
         priority = _safe(lambda: vllm_config.kernel_config.ir_op_priority, None)
+        platform = platform or platform_id()
         return cls(
-            platform=platform or platform_id(),
+            platform=platform,
             level=int(vllm_config.optimization_level),
             tp=int(parallel.tensor_parallel_size),
             pp=int(parallel.pipeline_parallel_size),
@@ -123,6 +127,7 @@ class Setup:
             hidden_size=_safe(model.get_hidden_size, None) if model is not None else None,
             has_flashinfer=probe_flashinfer(),
             has_aiter=probe_aiter(),
+            aiter_ops=probe_aiter_ops() if platform_vendor(platform) == "rocm" else None,
             kernels_loaded=_kernels.load().loaded,
             package_enabled=options["enabled"],
             force_schemes=options["force_schemes"],
@@ -169,7 +174,17 @@ def probe_aiter() -> bool | None:
         from vllm._aiter_ops import rocm_aiter_ops
     except Exception:
         return None
-    return _safe(rocm_aiter_ops.is_enabled, None)
+    # is_enabled() answers None (not False) where AITER is unsupported or not installed.
+    return _safe(lambda: bool(rocm_aiter_ops.is_enabled()), None)
+
+
+def probe_aiter_ops() -> tuple[str, ...]:
+    """The AITER ops named in the matrix that this process has."""
+    from vllm_fusion import aiter
+
+    names = {op for cap in load_full_matrix().fusions.values()
+             for row in cap.rocm.values() for op in row.all_aiter_ops()}
+    return tuple(sorted(op for op in names if aiter.aiter_op(op) is not None))
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,9 @@ class Decision:
     warning: str | None = None
     # Package fusions: scheme families its pass fuses.
     schemes: tuple[str, ...] = ()
+    # What runs it, when enabled: "vllm_fusion" (this package's kernels), "vllm" (vLLM's own
+    # pass) or "aiter" (vLLM's own AITER pass, on ROCm).
+    route: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -195,16 +213,50 @@ class Decision:
         return d
 
 
+_FALLBACK_TEXT = {"vllm_fusion": "this package's HIP kernel runs it",
+                  "vllm": "vLLM's own pass runs it", "off": "nothing fuses it"}
+
+
+def _aiter_missing(ops: tuple[str, ...], setup: Setup) -> str | None:
+    """Why the AITER route cannot run ``ops`` here; None if it can."""
+    if setup.has_aiter is False:
+        return "AITER not enabled (amd-aiter installed and VLLM_ROCM_USE_AITER=1)"
+    missing = [op for op in ops if setup.aiter_ops is not None and op not in setup.aiter_ops]
+    return f"the installed AITER lacks {', '.join(missing)}" if missing else None
+
+
+def rocm_route(cap: FusionCapability, setup: Setup) -> tuple[str, str] | None:
+    """(route, why) from the matrix's ROCm row for this platform; None without a row.
+
+    The AITER route is taken for the setup's scheme when AITER has a fused op for it and the
+    ops are there; otherwise the row's fallback runs."""
+    row = cap.rocm.get(setup.platform)
+    if row is None:
+        return None
+    if row.route != "aiter":
+        return row.route, row.reason
+    ops = row.aiter_ops_for(setup.quant)
+    why_not = (f"AITER has no fused op for {setup.quant}" if ops is None
+               else _aiter_missing(ops, setup))
+    if why_not is None:
+        return "aiter", f"{row.reason} [AITER: {', '.join(ops)}]"
+    return row.fallback, f"{why_not}: {_FALLBACK_TEXT[row.fallback]}"
+
+
 def _gate(cap: FusionCapability, setup: Setup) -> str | None:
     """Why the platform or setup cannot run the fusion at all; None if it can."""
     vendor = setup.vendor
-    if not cap.supported_on(setup.platform):
+    route = rocm_route(cap, setup)
+    if route is not None:
+        if route[0] == "off":
+            return route[1]
+    elif not cap.supported_on(setup.platform):
         return cap.unsupported
     if setup.tp < cap.needs_tp:
         return f"needs TP>={cap.needs_tp} (TP={setup.tp})"
     if cap.needs_flashinfer and vendor == "cuda" and setup.has_flashinfer is False:
         return "needs FlashInfer, which is not installed"
-    if cap.needs_aiter and vendor == "rocm" and setup.has_aiter is False:
+    if cap.needs_aiter and route is None and vendor == "rocm" and setup.has_aiter is False:
         return "needs AITER (installed and VLLM_ROCM_USE_AITER=1)"
     if cap.dtypes and setup.dtype not in cap.dtypes:
         return f"model dtype {setup.dtype} not in {'/'.join(cap.dtypes)}"
@@ -268,6 +320,9 @@ def resolve_fusion(flag: str, setup: Setup) -> Decision:
     explicit = setup.flags.get(flag)
     impl = cap.implementation
     owned = impl == "vllm_fusion"
+    route = rocm_route(cap, setup)
+    # The package's own kernels run it (not vLLM's pass, AITER's or not).
+    uses_kernels = owned and (route is None or route[0] == "vllm_fusion")
 
     def off(reason: str, warning: str | None = None) -> Decision:
         return Decision(flag, False, "off", reason, impl, explicit is not None, warning)
@@ -280,10 +335,11 @@ def resolve_fusion(flag: str, setup: Setup) -> Decision:
             return off(gate, f"{flag} is turned off on {setup.platform}: {gate}")
         if owned and not setup.package_enabled:
             return Decision(flag, True, "on", "turned on explicitly; additional_config "
-                            "vllm_fusion.enabled=false: vLLM's pass runs", "vllm", True)
-        if owned and not setup.kernels_loaded:
+                            "vllm_fusion.enabled=false: vLLM's pass runs", "vllm", True,
+                            route="vllm")
+        if uses_kernels and not setup.kernels_loaded:
             return Decision(flag, True, "on", "turned on explicitly; vllm_fusion kernels "
-                            "not loaded: vLLM's pass runs", "vllm", True)
+                            "not loaded: vLLM's pass runs", "vllm", True, route="vllm")
         reason = "turned on explicitly"
     else:
         if setup.level == 0:
@@ -296,22 +352,29 @@ def resolve_fusion(flag: str, setup: Setup) -> Decision:
             return off(f"off at -O{setup.level}; on by default from -O{cap.level}: {cap.default}")
         if gate is not None:
             return off(gate)
-        if owned and not setup.kernels_loaded:
+        if uses_kernels and not setup.kernels_loaded:
             return off("vllm_fusion kernels not loaded")
         if not owned and (why := _vllm_predicate(flag, setup)) is not None:
             return off(why)
         reason = f"on by default at -O{setup.level}: {cap.default}"
+    if route is not None:
+        reason = f"{reason}; ROCm: {route[1]}"
+        if owned and route[0] != "vllm_fusion":
+            # vLLM's own pass (AITER's, for the AITER route) runs it: delegated.
+            return Decision(flag, True, "on", reason, "vllm", explicit is not None,
+                            route=route[0])
     verdict = cap.schemes.get(setup.quant or "")
     if (owned and verdict is not None and verdict.vllm_fuses
             and setup.quant not in package_schemes(cap, setup)):
         # vLLM's pass has a fused kernel for this model's scheme and the package's is not chosen.
         return Decision(flag, True, "on", f"{reason}; {setup.quant}: {verdict.reason}", "vllm",
-                        explicit is not None)
+                        explicit is not None, route="vllm")
     fused = package_schemes(cap, setup) if owned else None
     status, note = _scheme_note(cap, setup, fused)
     if note:
         reason = f"{reason}; {note}"
-    return Decision(flag, True, status, reason, impl, explicit is not None, None, fused or ())
+    return Decision(flag, True, status, reason, impl, explicit is not None, None, fused or (),
+                    route=route[0] if route is not None else impl)
 
 
 def resolve_setup(setup: Setup) -> dict[str, Decision]:

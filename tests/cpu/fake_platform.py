@@ -109,3 +109,120 @@ def simulated_capability(major: int, minor: int):
         yield
     finally:
         cls.capability_override = saved
+
+
+# ---------------------------------------------------------------- ROCm
+
+_ROCM_ARCH = {"arch": "gfx942"}
+
+
+def _install_fake_amdsmi() -> None:
+    """An ``amdsmi`` that reports one AMD GPU of the simulated arch: vLLM's ROCm platform
+    module reads the GCN arch from it when it is imported (and on reload)."""
+    import types
+
+    if getattr(sys.modules.get("amdsmi"), "__vllm_fusion_fake__", False):
+        return
+    amdsmi = types.ModuleType("amdsmi")
+    amdsmi.__vllm_fusion_fake__ = True
+
+    class AmdSmiException(Exception):
+        pass
+
+    class AmdSmiMemoryType:
+        VRAM = 0
+
+    def asic_info(handle):
+        arch = _ROCM_ARCH["arch"]
+        return {"target_graphics_version": arch, "device_id": "", "market_name": f"Simulated {arch}"}
+
+    amdsmi.AmdSmiException = AmdSmiException
+    amdsmi.AmdSmiMemoryType = AmdSmiMemoryType
+    amdsmi.amdsmi_init = lambda *args: None
+    amdsmi.amdsmi_shut_down = lambda *args: None
+    amdsmi.amdsmi_get_processor_handles = lambda: [0]
+    amdsmi.amdsmi_get_gpu_asic_info = asic_info
+    amdsmi.amdsmi_get_gpu_device_uuid = lambda handle: "00000000-0000-0000-0000-000000000000"
+    amdsmi.amdsmi_get_gpu_memory_total = lambda handle, kind: 192 * 1024**3
+    amdsmi.amdsmi_topo_get_link_type = lambda a, b: {"hops": 1, "type": 2}
+    amdsmi.amdsmi_topo_get_numa_node_number = lambda handle: 0
+    sys.modules["amdsmi"] = amdsmi
+
+
+def _rocm_module(arch: str):
+    """vllm.platforms.rocm, (re)loaded so that its arch flags (_GCN_ARCH, _ON_MI3XX, ...)
+    describe ``arch``. Functions vLLM already imported from it read the same globals."""
+    import importlib
+
+    _ROCM_ARCH["arch"] = arch
+    _install_fake_amdsmi()
+    module = sys.modules.get("vllm.platforms.rocm")
+    if module is None:
+        return importlib.import_module("vllm.platforms.rocm")
+    module.RocmPlatform.get_device_capability.cache_clear()
+    return importlib.reload(module)
+
+
+def install_fake_rocm_platform(arch: str = "gfx942"):
+    """Force vLLM's current platform to an AMD GPU of ``arch`` (gfx90a, gfx942, gfx950).
+
+    vLLM modules imported before this keep the platform they imported; the ones that
+    decide AITER and FP8 (``vllm._aiter_ops``, the pass manager, the configs) are pointed
+    at the new one."""
+    import vllm.platforms as platforms
+
+    rocm = _rocm_module(arch)
+
+    class FakeRocmPlatform(rocm.RocmPlatform):
+        """A ROCm platform with a chosen arch and no device behind it."""
+
+        @classmethod
+        def get_device_total_memory(cls, device_id: int = 0) -> int:
+            return 192 * 1024**3
+
+        @classmethod
+        def is_fully_connected(cls, physical_device_ids: list[int]) -> bool:
+            return True
+
+        @classmethod
+        def device_count(cls) -> int:
+            return 1
+
+    platform = FakeRocmPlatform()
+    old = platforms.current_platform
+    platforms.current_platform = platform
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm") and getattr(module, "current_platform", None) is old:
+            module.current_platform = platform
+    aiter_ops = sys.modules.get("vllm._aiter_ops")
+    if aiter_ops is not None:
+        aiter_ops.FP8_DTYPE = platform.fp8_dtype()
+    return platform
+
+
+@contextlib.contextmanager
+def simulated_gcn_arch(arch: str):
+    """Temporarily change the simulated AMD GPU's arch."""
+    saved = _ROCM_ARCH["arch"]
+    _rocm_module(arch)
+    try:
+        yield
+    finally:
+        _rocm_module(saved)
+
+
+def simulate_aiter(monkeypatch, present: bool, ops: tuple[str, ...] | None = None) -> None:
+    """AITER installed and enabled (VLLM_ROCM_USE_AITER=1) or absent, as vLLM's probe and
+    vllm_fusion.aiter see it. ``ops``: the AITER ops present (default: every one asked for)."""
+    import vllm._aiter_ops as vllm_aiter
+
+    from vllm_fusion import aiter
+
+    def fake_op(name: str):
+        if not present or (ops is not None and name not in ops):
+            return None
+        return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(vllm_aiter, "IS_AITER_FOUND", present)
+    monkeypatch.setattr(vllm_aiter.rocm_aiter_ops, "_AITER_ENABLED", present)
+    monkeypatch.setattr(aiter, "aiter_op", fake_op)

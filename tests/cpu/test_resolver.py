@@ -22,9 +22,12 @@ OWNED = ("fuse_act_padding", *QUANT_OWNED)
 FP8_PLATFORMS = {"sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950"}
 # Schemes the package fuses by default (the H100 verdicts, inherited elsewhere).
 WINS = {"fuse_norm_quant": {"fp8-group"}, "fuse_act_quant": {"fp8-per-token", "fp8-group"}}
-AR_PLATFORMS = {"sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
+# vLLM 0.26 fuses the all-reduce on ROCm only through AITER, which it enables on MI300/MI350.
+AR_PLATFORMS = {"sm90", "sm100", "gfx942", "gfx950"}
 # Where the package's norm+pad kernel is built (provisional verdict: fused for every scheme).
 PAD_PLATFORMS = {"sm80", "sm89", "sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
+# Schemes that vLLM's AITER passes fuse on MI300/MI350 (AITER is assumed installed there).
+AITER_FUSES = {"fuse_norm_quant": {"fp8-per-token", "fp8-group"}, "fuse_act_quant": {"fp8-group"}}
 
 CELLS = list(itertools.product(PLATFORMS, (1, 2), SCHEMES, (0, 1, 2, 3)))
 
@@ -49,7 +52,8 @@ def expected_status(flag: str, platform: str, tp: int, scheme: str, level: int) 
     if flag in OWNED:
         # NVFP4 SiLU*Mul: vLLM's own pass keeps the fusion (the package has no kernel).
         vllm_keeps = flag == "fuse_act_quant" and scheme == "nvfp4"
-        return "on" if scheme in WINS[flag] or vllm_keeps else "idle"
+        aiter_fuses = platform in ("gfx942", "gfx950") and scheme in AITER_FUSES[flag]
+        return "on" if scheme in WINS[flag] or vllm_keeps or aiter_fuses else "idle"
     return "on"  # fuse_allreduce_rms: AR+RMS always fuses, the quant where supported
 
 
