@@ -415,9 +415,7 @@ def render_markdown(doc: Mapping, chart: str | None = "latency.png", chart_note:
                       "`" + " ".join(c.get("args", [])) + "`", c.get("description", "")]
                      for c in doc["configs"]]
         parts += ["## Configurations", "",
-                  "Every run also sets `VLLM_DISABLE_COMPILE_CACHE=1` and "
-                  "`TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`: the passes really run, and every "
-                  "process compiles and autotunes afresh.",
+                  "Every run also sets `VLLM_DISABLE_COMPILE_CACHE=1`, so the passes really run.",
                   "",
                   md_table(["configuration", "environment", "engine args", "what"], cfg_cells), ""]
     header, cells = latency_table(rows)

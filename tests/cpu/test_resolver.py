@@ -24,7 +24,7 @@ FP8_PLATFORMS = {"sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950"}
 WINS = {"fuse_norm_quant": {"fp8-group"}, "fuse_act_quant": {"fp8-per-token", "fp8-group"}}
 # vLLM 0.26 fuses the all-reduce on ROCm only through AITER, which it enables on MI300/MI350.
 AR_PLATFORMS = {"sm90", "sm100", "gfx942", "gfx950"}
-# Where the package's norm+pad kernel is built (provisional verdict: fused for every scheme).
+# Where the package's norm+pad kernel is built (fused for every scheme: it beat Inductor on H100).
 PAD_PLATFORMS = {"sm80", "sm89", "sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
 # Schemes that vLLM's AITER passes fuse on MI300/MI350 (AITER is assumed installed there).
 AITER_FUSES = {"fuse_norm_quant": {"fp8-per-token", "fp8-group"}, "fuse_act_quant": {"fp8-group"}}
@@ -169,12 +169,12 @@ def test_rope_kvcache_follows_vllms_predicate_on_rocm():
 
 def test_act_padding_runs_the_package_kernel_beyond_vllms_rocm_predicate():
     # vLLM 0.26: ROCm, AITER norm priority and hidden size 2880 only. The package: any hidden
-    # size, CUDA too, no AITER needed; provisional until measured, so marked as such.
+    # size, CUDA too, no AITER needed; the reason cites the H100 measurement.
     for platform in ("sm90", "gfx942"):
         d = resolve_fusion("fuse_act_padding", simulated_setup(
             platform, level=1, hidden_size=4096, has_aiter=False))
         assert d.enabled and d.implementation == "vllm_fusion" and d.status == "on"
-        assert "provisional" in d.reason
+        assert "2026-11-27-h100-norm-pad.md" in d.reason
     no_kernels = resolve_fusion("fuse_act_padding", simulated_setup("sm90", kernels_loaded=False))
     assert not no_kernels.enabled and "kernels not loaded" in no_kernels.reason
     assert load_matrix()["fuse_act_padding"].winning_schemes("sm90") == SCHEMES
