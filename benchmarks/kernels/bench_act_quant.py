@@ -27,7 +27,7 @@ from common import (  # noqa: E402
     finish,
     load_vllm_ops,
     rotation,
-    time_per_call,
+    time_row,
     torch_dtype,
 )
 
@@ -130,18 +130,11 @@ def main() -> None:
                     return torch.randn(tokens, 2 * d, dtype=dtype, device="cuda"), s
 
                 sets = rotation(make_set, tokens * 2 * d * elem)
-                row = Row("silu_mul_nvfp4" if group == NVFP4 else "silu_mul_fp8", scheme, tokens, d, args.dtype,
+                op = "silu_mul_nvfp4" if group == NVFP4 else "silu_mul_fp8"
+                row = Row(op, scheme, tokens, d, args.dtype,
                           minimal_bytes(tokens, d, elem, group))
-                for name in wanted:
-                    if name in impls:
-                        try:
-                            row.us[name] = time_per_call(impls[name], sets, reps=args.reps)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"# {name} {scheme} T={tokens} d={d} failed: {e}",
-                                  file=sys.stderr)
-                rows.append(row)
-                print(f"# {scheme} T={tokens} d={d}: " + ", ".join(
-                    f"{k} {v:.2f}us" for k, v in row.us.items()), flush=True)
+                rows.append(time_row(row, impls, wanted, sets, args.reps,
+                                         f"{scheme} T={tokens} d={d}"))
                 del sets
             torch.cuda.empty_cache()
     finish(rows, wanted, args, "SiLU*Mul + FP8 quant")

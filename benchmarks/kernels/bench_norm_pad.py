@@ -28,7 +28,7 @@ from common import (  # noqa: E402
     finish,
     load_vllm_ops,
     rotation,
-    time_per_call,
+    time_row,
     torch_dtype,
 )
 
@@ -111,16 +111,8 @@ def main() -> None:
                 sets = rotation(make_set, per_set)
                 row = Row("rms_norm_pad", f"{scheme}->{padded}", tokens, hidden, args.dtype,
                           minimal_bytes(tokens, hidden, padded, elem, residual))
-                for name in wanted:
-                    if name in impls:
-                        try:
-                            row.us[name] = time_per_call(impls[name], sets, reps=args.reps)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"# {name} {scheme} T={tokens} H={hidden} failed: {e}",
-                                  file=sys.stderr)
-                rows.append(row)
-                print(f"# {scheme} T={tokens} H={hidden}->{padded}: " + ", ".join(
-                    f"{k} {v:.2f}us" for k, v in row.us.items()), flush=True)
+                rows.append(time_row(row, impls, wanted, sets, args.reps,
+                                         f"{scheme} T={tokens} H={hidden}->{padded}"))
                 del sets
             torch.cuda.empty_cache()
     finish(rows, wanted, args, "Residual add + RMSNorm + hidden padding")

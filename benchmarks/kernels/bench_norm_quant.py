@@ -26,7 +26,7 @@ from common import (  # noqa: E402
     finish,
     load_vllm_ops,
     rotation,
-    time_per_call,
+    time_row,
     torch_dtype,
 )
 
@@ -180,18 +180,11 @@ def main() -> None:
 
                 per_set = tokens * hidden * elem * (2 if residual else 1)
                 sets = rotation(make_set, per_set)
-                row = Row("rms_norm_nvfp4" if group == NVFP4 else "rms_norm_fp8", scheme, tokens, hidden, args.dtype,
+                op = "rms_norm_nvfp4" if group == NVFP4 else "rms_norm_fp8"
+                row = Row(op, scheme, tokens, hidden, args.dtype,
                           minimal_bytes(tokens, hidden, elem, group, residual))
-                for name in wanted:
-                    if name in impls:
-                        try:
-                            row.us[name] = time_per_call(impls[name], sets, reps=args.reps)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"# {name} {scheme} T={tokens} H={hidden} failed: {e}",
-                                  file=sys.stderr)
-                rows.append(row)
-                print(f"# {scheme} T={tokens} H={hidden}: " + ", ".join(
-                    f"{k} {v:.2f}us" for k, v in row.us.items()), flush=True)
+                rows.append(time_row(row, impls, wanted, sets, args.reps,
+                                         f"{scheme} T={tokens} H={hidden}"))
                 del sets
             torch.cuda.empty_cache()
     finish(rows, wanted, args, "RMSNorm + FP8 quant")

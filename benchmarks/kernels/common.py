@@ -182,6 +182,20 @@ def time_per_call(fn: Callable, arg_sets: Sequence[tuple], reps: int = 25,
 # ----------------------------------------------------------------------------- reporting
 
 
+def time_row(row: "Row", impls: dict[str, Callable], wanted: Sequence[str],
+             arg_sets: Sequence[tuple], reps: int, label: str) -> "Row":
+    """Time every wanted implementation on the same input sets into ``row.us``; one that
+    fails is reported and left out, so the others still get measured."""
+    for name in wanted:
+        if name in impls:
+            try:
+                row.us[name] = time_per_call(impls[name], arg_sets, reps=reps)
+            except Exception as e:  # noqa: BLE001
+                print(f"# {name} {label} failed: {e}", file=sys.stderr)
+    print(f"# {label}: " + ", ".join(f"{k} {v:.2f}us" for k, v in row.us.items()), flush=True)
+    return row
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+from tests.gpu import require_cuda_kernels
 
-from vllm_fusion import _kernels  # noqa: E402
+require_cuda_kernels()
 
-_status = _kernels.load()
-if not _status.loaded:
-    pytest.skip(_status.describe(), allow_module_level=True)
+import torch  # noqa: E402
 
 from vllm_fusion import ops as vf  # noqa: E402
 
