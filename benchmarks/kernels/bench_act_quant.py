@@ -134,7 +134,7 @@ def main() -> None:
                 row = Row(op, scheme, tokens, d, args.dtype,
                           minimal_bytes(tokens, d, elem, group))
                 rows.append(time_row(row, impls, wanted, sets, args.reps,
-                                         f"{scheme} T={tokens} d={d}"))
+                                     f"{scheme} T={tokens} d={d}"))
                 del sets
             torch.cuda.empty_cache()
     finish(rows, wanted, args, "SiLU*Mul + FP8 quant")

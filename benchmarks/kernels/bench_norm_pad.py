@@ -112,7 +112,7 @@ def main() -> None:
                 row = Row("rms_norm_pad", f"{scheme}->{padded}", tokens, hidden, args.dtype,
                           minimal_bytes(tokens, hidden, padded, elem, residual))
                 rows.append(time_row(row, impls, wanted, sets, args.reps,
-                                         f"{scheme} T={tokens} H={hidden}->{padded}"))
+                                     f"{scheme} T={tokens} H={hidden}->{padded}"))
                 del sets
             torch.cuda.empty_cache()
     finish(rows, wanted, args, "Residual add + RMSNorm + hidden padding")

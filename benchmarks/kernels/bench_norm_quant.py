@@ -184,7 +184,7 @@ def main() -> None:
                 row = Row(op, scheme, tokens, hidden, args.dtype,
                           minimal_bytes(tokens, hidden, elem, group, residual))
                 rows.append(time_row(row, impls, wanted, sets, args.reps,
-                                         f"{scheme} T={tokens} H={hidden}"))
+                                     f"{scheme} T={tokens} H={hidden}"))
                 del sets
             torch.cuda.empty_cache()
     finish(rows, wanted, args, "RMSNorm + FP8 quant")
