@@ -92,10 +92,31 @@ BAD_CALLS: tuple[BadCall, ...] = (
     BadCall("silu-scale-numel", "silu_and_mul_static_fp8_quant",
             lambda d: (_t(d, 4, 512), _scale(d, n=4)),
             "scale must have exactly 1 element, got 4"),
+    BadCall("pad-narrower-than-hidden", "rms_norm_pad",
+            lambda d: (_t(d, 4, 256), _t(d, 256), 1e-6, 128),
+            "padded_hidden must be at least the hidden size 256 (the last dim of input), got 128"),
+    BadCall("pad-weight-size", "rms_norm_pad",
+            lambda d: (_t(d, 4, 256), _t(d, 128), 1e-6, 384),
+            "weight must be 1-D of size 256 (the last dim of input)"),
+    BadCall("add-pad-residual-dtype", "fused_add_rms_norm_pad",
+            lambda d: (_t(d, 4, 256), _t(d, 4, 256, dtype=FP16), _t(d, 256), 1e-6, 384),
+            "residual must have the same dtype as input (bfloat16), got float16"),
+    # NVFP4: these input checks come before the kernel's SM100 check, so any GPU raises them.
+    BadCall("nvfp4-norm-width", "rms_norm_nvfp4_quant",
+            lambda d: (_t(d, 4, 200), _t(d, 200), _scale(d), 1e-6),
+            "NVFP4 quantizes blocks of 16 elements: hidden size (last dim of input) (200) must "
+            "be a multiple of 16"),
+    BadCall("nvfp4-add-norm-global-scale-dtype", "fused_add_rms_norm_nvfp4_quant",
+            lambda d: (_t(d, 4, 256), _t(d, 4, 256), _t(d, 256), _scale(d, BF16), 1e-6),
+            "global_scale must be a float32 tensor, got bfloat16"),
+    BadCall("nvfp4-silu-width", "silu_and_mul_nvfp4_quant",
+            lambda d: (_t(d, 4, 48), _scale(d)),
+            "NVFP4 quantizes blocks of 16 elements: output width (half the last dim of input) "
+            "(24) must be a multiple of 16"),
 )
 
 
-# One valid call per op (any device), for tests that only need the op to run.
+# One valid call per op that runs on any GPU, for tests that only need the op to run.
 VALID_CALLS: dict[str, Callable[[str], tuple]] = {
     "rms_norm_static_fp8_quant": lambda d: (_t(d, 4, 256), _t(d, 256), _scale(d), 1e-6),
     "fused_add_rms_norm_static_fp8_quant":
@@ -106,4 +127,7 @@ VALID_CALLS: dict[str, Callable[[str], tuple]] = {
         lambda d: (_t(d, 4, 256), _t(d, 4, 256), _t(d, 256), 1e-6, 0, False, False, _scale(d)),
     "silu_and_mul_static_fp8_quant": lambda d: (_t(d, 4, 512), _scale(d)),
     "silu_and_mul_dynamic_fp8_quant": lambda d: (_t(d, 4, 512), 64, False, False, None),
+    "rms_norm_pad": lambda d: (_t(d, 4, 2880), _t(d, 2880), 1e-6, 3072),
+    "fused_add_rms_norm_pad": lambda d: (_t(d, 4, 2880), _t(d, 4, 2880), _t(d, 2880), 1e-6, 3072),
 }
+# (The NVFP4 ops are left out: they run on SM100 only, tests/gpu/test_nvfp4_kernels.py.)

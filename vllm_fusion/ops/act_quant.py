@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_fusion.ops.checks import check_act_input, check_scale_scalar
+from vllm_fusion.ops.checks import check_act_input, check_nvfp4_width, check_scale_scalar
 from vllm_fusion.ops.fp8 import (
     check_dynamic_args,
     dynamic_fp8_quant_ref,
@@ -27,7 +27,7 @@ from vllm_fusion.ops.fp8 import (
     fp8_dtype,
     static_fp8_quant_ref,
 )
-from vllm_fusion.ops.nvfp4 import check_width, empty_outputs, nvfp4_quant_ref
+from vllm_fusion.ops.nvfp4 import empty_outputs, nvfp4_quant_ref
 
 OPS = (
     "silu_and_mul_static_fp8_quant",
@@ -94,6 +94,9 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("vllm_fusion::silu_and_mul_nvfp4_quant")
     def _silu_and_mul_nvfp4_quant_fake(input, global_scale):
+        op = "silu_and_mul_nvfp4_quant"
+        check_act_input(op, input)
         d = _out_shape(input)[-1]
-        check_width(d, "output width (half the last dim of input)")
+        check_nvfp4_width(op, d, "output width (half the last dim of input)")
+        check_scale_scalar(op, "global_scale", global_scale, input)
         return empty_outputs(input, input.numel() // input.shape[-1], d)

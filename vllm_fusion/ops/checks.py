@@ -96,6 +96,21 @@ def check_act_input(op: str, input: torch.Tensor) -> None:
         _fail(op, f"input last dim must be even ([gate | up] halves), got {input.shape[-1]}")
 
 
+def check_padded_hidden(op: str, input: torch.Tensor, padded_hidden: int) -> None:
+    """The padded width of the norm+pad kernels (norm_pad in csrc/norm_pad_kernels.cu)."""
+    hidden = input.shape[-1]
+    if _known(hidden) and padded_hidden < hidden:
+        _fail(op, f"padded_hidden must be at least the hidden size {hidden} (the last dim of "
+                  f"input), got {padded_hidden}")
+
+
+def check_nvfp4_width(op: str, cols, what: str) -> None:
+    """NVFP4 quantizes whole 16-element blocks (check_nvfp4_width in csrc/host_utils.h)."""
+    if _known(cols) and cols % 16:
+        _fail(op, f"NVFP4 quantizes blocks of 16 elements: {what} ({cols}) must be a "
+                  "multiple of 16")
+
+
 def accepts(check: Callable[..., None], *args) -> bool:
     """Whether ``check(*args)`` passes: what a pass asks before it fuses a site."""
     try:

@@ -19,25 +19,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_fusion.ops.checks import check_norm_args, check_padded_hidden
 from vllm_fusion.ops.norm_quant import fused_add_rms_norm_ref, rms_norm_ref
 
 OPS = ("rms_norm_pad", "fused_add_rms_norm_pad")
-
-
-def check_padded_hidden(hidden: int, padded_hidden: int) -> None:
-    # RuntimeError, as the kernel raises it.
-    if padded_hidden < hidden:
-        raise RuntimeError(
-            f"padded_hidden must be at least the hidden size {hidden} (the last dim of "
-            f"input), got {padded_hidden}"
-        )
 
 
 # ----------------------------------------------------------------------------- references
 
 
 def _pad(y: torch.Tensor, padded_hidden: int) -> torch.Tensor:
-    check_padded_hidden(y.shape[-1], padded_hidden)
+    check_padded_hidden("rms_norm_pad", y, padded_hidden)
     return F.pad(y, (0, padded_hidden - y.shape[-1]), mode="constant", value=0.0)
 
 
@@ -64,8 +56,11 @@ def fused_add_rms_norm_pad_ref(
 # ----------------------------------------------------------------------------- fake impls
 
 
-def _padded_empty(input: torch.Tensor, padded_hidden: int) -> torch.Tensor:
-    check_padded_hidden(input.shape[-1], padded_hidden)
+def _checked_padded_empty(op: str, input: torch.Tensor, residual: torch.Tensor | None,
+                          weight: torch.Tensor, padded_hidden: int) -> torch.Tensor:
+    """The kernel's input checks (vllm_fusion.ops.checks), then the padded output."""
+    check_norm_args(op, input, residual, weight)
+    check_padded_hidden(op, input, padded_hidden)
     return input.new_empty((*input.shape[:-1], padded_hidden))
 
 
@@ -74,8 +69,10 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("vllm_fusion::rms_norm_pad")
     def _rms_norm_pad_fake(input, weight, epsilon, padded_hidden):
-        return _padded_empty(input, padded_hidden)
+        return _checked_padded_empty("rms_norm_pad", input, None, weight, padded_hidden)
 
     @torch.library.register_fake("vllm_fusion::fused_add_rms_norm_pad")
     def _fused_add_rms_norm_pad_fake(input, residual, weight, epsilon, padded_hidden):
-        return _padded_empty(input, padded_hidden), input.new_empty(input.shape)
+        out = _checked_padded_empty("fused_add_rms_norm_pad", input, residual, weight,
+                                    padded_hidden)
+        return out, input.new_empty(input.shape)

@@ -28,7 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_fusion.ops.checks import check_norm_args, check_scale_scalar
+from vllm_fusion.ops.checks import (
+    check_activation,
+    check_norm_args,
+    check_nvfp4_width,
+    check_scale_scalar,
+)
 from vllm_fusion.ops.fp8 import (
     check_dynamic_args,
     dynamic_fp8_quant_ref,
@@ -36,7 +41,7 @@ from vllm_fusion.ops.fp8 import (
     fp8_dtype,
     static_fp8_quant_ref,
 )
-from vllm_fusion.ops.nvfp4 import check_width, empty_outputs, nvfp4_quant_ref
+from vllm_fusion.ops.nvfp4 import empty_outputs, nvfp4_quant_ref
 
 OPS = (
     "rms_norm_static_fp8_quant",
@@ -136,9 +141,13 @@ def fused_add_rms_norm_nvfp4_quant_ref(
 # ----------------------------------------------------------------------------- fake impls
 
 
-def _fake_nvfp4(input):
+def _fake_nvfp4(op, input, residual, weight, global_scale):
+    # The kernel's order: input, block width, then the norm's operands and the scale.
+    check_activation(op, "input", input)
     hidden = input.shape[-1]
-    check_width(hidden, "hidden size (last dim of input)")
+    check_nvfp4_width(op, hidden, "hidden size (last dim of input)")
+    check_norm_args(op, input, residual, weight)
+    check_scale_scalar(op, "global_scale", global_scale, input)
     return empty_outputs(input, input.numel() // hidden, hidden)
 
 
@@ -193,9 +202,10 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("vllm_fusion::rms_norm_nvfp4_quant")
     def _rms_norm_nvfp4_quant_fake(input, weight, global_scale, epsilon):
-        return _fake_nvfp4(input)
+        return _fake_nvfp4("rms_norm_nvfp4_quant", input, None, weight, global_scale)
 
     @torch.library.register_fake("vllm_fusion::fused_add_rms_norm_nvfp4_quant")
     def _fused_add_rms_norm_nvfp4_quant_fake(input, residual, weight, global_scale, epsilon):
-        q, scales = _fake_nvfp4(input)
+        q, scales = _fake_nvfp4("fused_add_rms_norm_nvfp4_quant", input, residual, weight,
+                                global_scale)
         return q, input.new_empty(input.shape), scales
