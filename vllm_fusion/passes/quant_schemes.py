@@ -79,9 +79,6 @@ class FP8Scheme:
         transposed = self.col_major and not self.native_grouped(matcher)
         return self.group_size, transposed, self.e8m0
 
-    def hidden_ok(self, hidden: int) -> bool:
-        return self.group_size == 0 or hidden % self.group_size == 0
-
     def __str__(self) -> str:
         return self.name
 
