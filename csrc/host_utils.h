@@ -67,6 +67,17 @@ inline const char* dtype_name(ScalarType t) {
       return "float16";
     case ScalarType::Float:
       return "float32";
+    // Python's names (str(dtype) without "torch."), as the Python mirrors of the checks say.
+    case ScalarType::Float8_e4m3fn:
+      return "float8_e4m3fn";
+    case ScalarType::Float8_e4m3fnuz:
+      return "float8_e4m3fnuz";
+    case ScalarType::Byte:
+      return "uint8";
+    case ScalarType::Long:
+      return "int64";
+    case ScalarType::Int:
+      return "int32";
     default:
       return torch::headeronly::toString(t);
   }

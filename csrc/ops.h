@@ -79,4 +79,18 @@ std::tuple<Tensor, Tensor> fused_add_rms_norm_pad(const Tensor& input, const Ten
                                                   const Tensor& weight, double epsilon,
                                                   int64_t padded_hidden);
 
+// ---- [per-head RMSNorm of q and k] + RoPE + paged KV-cache write: csrc/rope_kernels.cu
+// query [T, Hq, D], key [T, Hkv, D], value [T, Hkv, Dv] (views with any token / head stride,
+// last stride 1); cos_sin_cache [max_pos, rot] (cos | sin halves); key_cache / value_cache
+// [num_blocks, block_size, Hkv, D / Dv] with any strides, written in place for the tokens
+// t < slot_mapping.size(0) whose slot is >= 0. Contract: docs of vllm_fusion/ops/rope.py.
+
+// -> (q_out [T, Hq, D], k_out [T, Hkv, D]), contiguous
+std::tuple<Tensor, Tensor> qk_norm_rope_kv_cache(
+    const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& positions,
+    const Tensor& cos_sin_cache, bool is_neox, const std::optional<Tensor>& q_weight,
+    const std::optional<Tensor>& k_weight, double epsilon, const std::optional<Tensor>& key_cache,
+    const std::optional<Tensor>& value_cache, const std::optional<Tensor>& slot_mapping,
+    const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale);
+
 }  // namespace vllm_fusion

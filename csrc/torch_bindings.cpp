@@ -38,6 +38,12 @@ STABLE_TORCH_LIBRARY(vllm_fusion, m) {
       "fused_add_rms_norm_nvfp4_quant(Tensor input, Tensor residual, Tensor weight, "
       "Tensor global_scale, float epsilon) -> (Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_nvfp4_quant(Tensor input, Tensor global_scale) -> (Tensor, Tensor)");
+  // [per-head RMSNorm of q/k] + RoPE, writing k (post-RoPE) and v into the paged KV cache.
+  m.def(
+      "qk_norm_rope_kv_cache(Tensor query, Tensor key, Tensor value, Tensor positions, "
+      "Tensor cos_sin_cache, bool is_neox, Tensor? q_weight, Tensor? k_weight, float epsilon, "
+      "Tensor(a!)? key_cache, Tensor(b!)? value_cache, Tensor? slot_mapping, Tensor? k_scale, "
+      "Tensor? v_scale) -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
@@ -57,6 +63,7 @@ STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
   m.impl("fused_add_rms_norm_nvfp4_quant",
          TORCH_BOX(&vllm_fusion::fused_add_rms_norm_nvfp4_quant));
   m.impl("silu_and_mul_nvfp4_quant", TORCH_BOX(&vllm_fusion::silu_and_mul_nvfp4_quant));
+  m.impl("qk_norm_rope_kv_cache", TORCH_BOX(&vllm_fusion::qk_norm_rope_kv_cache));
 }
 
 // ---------------------------------------------------------------- Python module entry point

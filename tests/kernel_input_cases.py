@@ -116,6 +116,109 @@ BAD_CALLS: tuple[BadCall, ...] = (
 )
 
 
+
+
+# qk_norm_rope_kv_cache: 5 tokens, 4 q heads, 2 kv heads, head size 128, rotary dim 128.
+def _rope(d: str, **over) -> tuple:
+    """Arguments of a valid qk_norm_rope_kv_cache call with a bf16 cache, ``over`` replacing
+    some (by parameter name)."""
+    args = dict(
+        query=_t(d, 5, 4, 128), key=_t(d, 5, 2, 128), value=_t(d, 5, 2, 128),
+        positions=torch.arange(5, device=d), cos_sin_cache=_t(d, 64, 128, dtype=FP32),
+        is_neox=True, q_weight=_t(d, 128), k_weight=_t(d, 128), epsilon=1e-6,
+        key_cache=_t(d, 3, 16, 2, 128), value_cache=_t(d, 3, 16, 2, 128),
+        slot_mapping=torch.arange(5, device=d), k_scale=None, v_scale=None,
+    )
+    args.update(over)
+    return tuple(args.values())
+
+
+def _fp8_cache(d: str, *shape: int) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float8_e4m3fn, device=d)
+
+
+ROPE = "qk_norm_rope_kv_cache"
+BAD_CALLS += (
+    BadCall("rope-query-fp32", ROPE, lambda d: _rope(d, query=_t(d, 5, 4, 128, dtype=FP32)),
+            "query must be bfloat16 or float16, got float32"),
+    BadCall("rope-query-2d", ROPE, lambda d: _rope(d, query=_t(d, 5, 512)),
+            "query must be 3-D [num_tokens, num_heads, head_size], got 2-D"),
+    BadCall("rope-query-strided", ROPE, lambda d: _rope(d, query=_t(d, 5, 4, 256)[..., ::2]),
+            "query must be contiguous in its last dimension (stride(-1) == 1), got stride 2"),
+    BadCall("rope-head-size-too-large", ROPE,
+            lambda d: _rope(d, query=_t(d, 5, 1, 640), key=_t(d, 5, 1, 640),
+                            cos_sin_cache=_t(d, 64, 128, dtype=FP32), q_weight=None,
+                            k_weight=None, key_cache=None, value_cache=None),
+            "head size (query.size(2)) must be at most 512, got 640"),
+    BadCall("rope-key-dtype", ROPE, lambda d: _rope(d, key=_t(d, 5, 2, 128, dtype=FP16)),
+            "key must have the same dtype as query (bfloat16), got float16"),
+    BadCall("rope-key-tokens", ROPE, lambda d: _rope(d, key=_t(d, 4, 2, 128)),
+            "key must have 5 tokens (query.size(0)), got 4"),
+    BadCall("rope-key-head-size", ROPE, lambda d: _rope(d, key=_t(d, 5, 2, 64)),
+            "key must have the head size of query (128), got 64"),
+    BadCall("rope-positions-dtype", ROPE,
+            lambda d: _rope(d, positions=torch.zeros(5, dtype=FP32, device=d)),
+            "positions must be int64 or int32, got float32"),
+    BadCall("rope-positions-length", ROPE,
+            lambda d: _rope(d, positions=torch.arange(6, device=d)),
+            "positions must be 1-D with one entry per token (5)"),
+    BadCall("rope-cos-sin-dtype", ROPE,
+            lambda d: _rope(d, cos_sin_cache=torch.zeros(64, 128, dtype=torch.float64, device=d)),
+            "cos_sin_cache must be float32, bfloat16 or float16, got float64"),
+    BadCall("rope-rot-odd", ROPE, lambda d: _rope(d, cos_sin_cache=_t(d, 64, 63, dtype=FP32)),
+            "rotary_dim (cos_sin_cache.size(1)) must be even and in [2, head size 128], got 63"),
+    BadCall("rope-rot-too-wide", ROPE,
+            lambda d: _rope(d, cos_sin_cache=_t(d, 64, 256, dtype=FP32)),
+            "rotary_dim (cos_sin_cache.size(1)) must be even and in [2, head size 128], got 256"),
+    BadCall("rope-cos-sin-strided", ROPE,
+            lambda d: _rope(d, cos_sin_cache=_t(d, 64, 256, dtype=FP32)[:, :128]),
+            "cos_sin_cache must be contiguous"),
+    BadCall("rope-one-weight", ROPE, lambda d: _rope(d, k_weight=None),
+            "q_weight and k_weight must be given together (both or neither)"),
+    BadCall("rope-weight-size", ROPE, lambda d: _rope(d, q_weight=_t(d, 64)),
+            "q_weight must be 1-D of size 128 (the head size)"),
+    BadCall("rope-weight-dtype", ROPE, lambda d: _rope(d, k_weight=_t(d, 128, dtype=FP32)),
+            "k_weight must have the same dtype as query (bfloat16), got float32"),
+    BadCall("rope-one-cache", ROPE, lambda d: _rope(d, value_cache=None),
+            "key_cache and value_cache must be given together (both or neither)"),
+    BadCall("rope-value-heads", ROPE, lambda d: _rope(d, value=_t(d, 5, 3, 128)),
+            "value must have the 2 heads of key, got 3"),
+    BadCall("rope-cache-shape", ROPE, lambda d: _rope(d, key_cache=_t(d, 3, 16, 4, 128)),
+            "key_cache must have shape [num_blocks, block_size, 2, 128], got [3, 16, 4, 128]"),
+    BadCall("rope-cache-3d", ROPE, lambda d: _rope(d, value_cache=_t(d, 48, 2, 128)),
+            "value_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_size], got 3-D"),
+    BadCall("rope-cache-strided", ROPE,
+            lambda d: _rope(d, key_cache=_t(d, 3, 16, 2, 256)[..., ::2]),
+            "key_cache must be contiguous in its last dimension (stride(-1) == 1), got stride 2"),
+    BadCall("rope-cache-dtype", ROPE,
+            lambda d: _rope(d, key_cache=_t(d, 3, 16, 2, 128, dtype=FP16)),
+            "key_cache must have the dtype of query (bfloat16) or be fp8 (float8_e4m3fn, "
+            "float8_e4m3fnuz or uint8), got float16"),
+    BadCall("rope-cache-dtypes-differ", ROPE,
+            lambda d: _rope(d, value_cache=_fp8_cache(d, 3, 16, 2, 128)),
+            "value_cache must have the dtype of key_cache (bfloat16), got float8_e4m3fn"),
+    BadCall("rope-cache-blocks-differ", ROPE, lambda d: _rope(d, value_cache=_t(d, 3, 32, 2, 128)),
+            "value_cache must have the num_blocks and block_size of key_cache"),
+    BadCall("rope-no-slot-mapping", ROPE, lambda d: _rope(d, slot_mapping=None),
+            "slot_mapping must be given with the caches"),
+    BadCall("rope-slot-mapping-int32", ROPE,
+            lambda d: _rope(d, slot_mapping=torch.arange(5, dtype=torch.int32, device=d)),
+            "slot_mapping must be int64, got int32"),
+    BadCall("rope-slot-mapping-too-long", ROPE,
+            lambda d: _rope(d, slot_mapping=torch.arange(6, device=d)),
+            "slot_mapping must be 1-D with at most 5 entries (one per token), got 6"),
+    BadCall("rope-fp8-no-scales", ROPE,
+            lambda d: _rope(d, key_cache=_fp8_cache(d, 3, 16, 2, 128),
+                            value_cache=_fp8_cache(d, 3, 16, 2, 128)),
+            "an fp8 key_cache / value_cache needs k_scale and v_scale"),
+    BadCall("rope-fp8-scale-numel", ROPE,
+            lambda d: _rope(d, key_cache=_fp8_cache(d, 3, 16, 2, 128),
+                            value_cache=_fp8_cache(d, 3, 16, 2, 128), k_scale=_scale(d),
+                            v_scale=_scale(d, n=2)),
+            "v_scale must have exactly 1 element, got 2"),
+)
+
+
 # One valid call per op that runs on any GPU, for tests that only need the op to run.
 VALID_CALLS: dict[str, Callable[[str], tuple]] = {
     "rms_norm_static_fp8_quant": lambda d: (_t(d, 4, 256), _t(d, 256), _scale(d), 1e-6),
@@ -129,5 +232,6 @@ VALID_CALLS: dict[str, Callable[[str], tuple]] = {
     "silu_and_mul_dynamic_fp8_quant": lambda d: (_t(d, 4, 512), 64, False, False, None),
     "rms_norm_pad": lambda d: (_t(d, 4, 2880), _t(d, 2880), 1e-6, 3072),
     "fused_add_rms_norm_pad": lambda d: (_t(d, 4, 2880), _t(d, 4, 2880), _t(d, 2880), 1e-6, 3072),
+    "qk_norm_rope_kv_cache": lambda d: _rope(d),
 }
 # (The NVFP4 ops are left out: they run on SM100 only, tests/gpu/test_nvfp4_kernels.py.)

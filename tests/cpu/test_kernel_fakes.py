@@ -127,3 +127,27 @@ def test_norm_pad_fakes(fake, shape, padded, dtype):
 def test_norm_pad_fake_rejects_a_narrower_padded_size(fake):
     with pytest.raises(RuntimeError, match="padded_hidden must be at least the hidden size 2880"):
         OPS.fused_add_rms_norm_pad(_t(4, 2880), _t(4, 2880), _t(2880), 1e-6, 2816)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+@pytest.mark.parametrize("cache", [None, torch.bfloat16, FP8])
+def test_rope_kv_cache_fake(fake, tokens, cache):
+    # q / k / v: views of one qkv [T, (32 + 2 * 8) * 128] tensor.
+    qkv = _t(tokens, 48 * 128)
+    q, k, v = (t.view(tokens, h, 128) for t, h in zip(qkv.split([32 * 128, 8 * 128, 8 * 128], -1),
+                                                       (32, 8, 8)))
+    kv = {}
+    if cache is not None:
+        caches = _t(10, 16, 8, 256, dtype=cache).split(128, -1)
+        kv = dict(key_cache=caches[0], value_cache=caches[1], slot_mapping=_t(tokens, dtype=torch.int64))
+        if cache == FP8:
+            kv.update(k_scale=_t(1, dtype=torch.float32), v_scale=_t(1, dtype=torch.float32))
+    args = dict(key_cache=None, value_cache=None, slot_mapping=None, k_scale=None, v_scale=None)
+    args.update(kv)
+    q_out, k_out = OPS.qk_norm_rope_kv_cache(
+        q, k, v, _t(tokens, dtype=torch.int64), _t(4096, 128, dtype=torch.float32), True,
+        _t(128), _t(128), 1e-6, *args.values())
+    assert (q_out.shape, q_out.dtype, q_out.stride()) == ((tokens, 32, 128), torch.bfloat16,
+                                                          _contig_strides((tokens, 32, 128)))
+    assert (k_out.shape, k_out.dtype, k_out.stride()) == ((tokens, 8, 128), torch.bfloat16,
+                                                          _contig_strides((tokens, 8, 128)))

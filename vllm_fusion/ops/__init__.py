@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from vllm_fusion.ops import act_quant, norm_pad, norm_quant
+from vllm_fusion.ops import act_quant, norm_pad, norm_quant, rope
 from vllm_fusion.ops.act_quant import (
     silu_and_mul_dynamic_fp8_quant_ref,
     silu_and_mul_nvfp4_quant_ref,
@@ -40,9 +40,15 @@ from vllm_fusion.ops.norm_quant import (
     rms_norm_static_fp8_quant_ref,
 )
 from vllm_fusion.ops.nvfp4 import nvfp4_dequant_ref, nvfp4_quant_ref
+from vllm_fusion.ops.rope import (
+    kv_cache_write_ref,
+    qk_norm_rope_kv_cache_ref,
+    qk_norm_rope_ref,
+    rope_ref,
+)
 
 NAMESPACE = "vllm_fusion"
-OPS = norm_quant.OPS + act_quant.OPS + norm_pad.OPS
+OPS = norm_quant.OPS + act_quant.OPS + norm_pad.OPS + rope.OPS
 
 _fakes_registered = False
 
@@ -73,6 +79,7 @@ def register_fakes() -> bool:
     norm_quant.register_fakes()
     act_quant.register_fakes()
     norm_pad.register_fakes()
+    rope.register_fakes()
     _fakes_registered = True
     return True
 
@@ -90,17 +97,21 @@ __all__ = [
     "fused_add_rms_norm_nvfp4_quant_ref",
     "fused_add_rms_norm_ref",
     "fused_add_rms_norm_static_fp8_quant_ref",
+    "kv_cache_write_ref",
     "ops_defined",
     "nvfp4_dequant_ref",
     "nvfp4_quant_ref",
     "per_group_fp8_quant_ref",
     "per_token_fp8_quant_ref",
+    "qk_norm_rope_kv_cache_ref",
+    "qk_norm_rope_ref",
     "register_fakes",
     "rms_norm_dynamic_fp8_quant_ref",
     "rms_norm_pad_ref",
     "rms_norm_nvfp4_quant_ref",
     "rms_norm_ref",
     "rms_norm_static_fp8_quant_ref",
+    "rope_ref",
     "silu_and_mul_dynamic_fp8_quant_ref",
     "silu_and_mul_nvfp4_quant_ref",
     "silu_and_mul_ref",
