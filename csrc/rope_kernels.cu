@@ -27,6 +27,14 @@
 #include "ops.h"
 
 namespace vllm_fusion {
+
+// The launch's dynamic shared memory. Declared outside the anonymous namespace: an extern
+// __shared__ array there would have internal linkage, which HIP's clang warns about.
+__device__ __forceinline__ float* rope_dynamic_smem() {
+  extern __shared__ float vf_rope_smem[];
+  return vf_rope_smem;
+}
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -204,7 +212,7 @@ __device__ __forceinline__ void store_cache_pack(void* cache, int64_t off, const
 // partners through shared memory (one D-float buffer per warp).
 template <typename T, int V, int MODE>
 __global__ void __launch_bounds__(kThreads) rope_vec_kernel(const RopeArgs a) {
-  extern __shared__ float smem[];
+  float* smem = rope_dynamic_smem();
   const int lane = threadIdx.x % VF_WARP_SIZE;
   const int warp = threadIdx.x / VF_WARP_SIZE;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * (blockDim.x / VF_WARP_SIZE) + warp;
@@ -337,7 +345,7 @@ __device__ __forceinline__ void store_cache_scalar(void* cache, int64_t off, flo
 // fp32 (after the norm), one element per lane and step.
 template <typename T, bool NEOX>
 __global__ void __launch_bounds__(kThreads) rope_generic_kernel(const RopeArgs a) {
-  extern __shared__ float smem[];
+  float* smem = rope_dynamic_smem();
   const int lane = threadIdx.x % VF_WARP_SIZE;
   const int warp = threadIdx.x / VF_WARP_SIZE;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * (blockDim.x / VF_WARP_SIZE) + warp;
