@@ -163,7 +163,7 @@ struct Unit {
   int64_t t;
   int kind;  // 0: q head, 1: k head, 2: v head
   int head;  // within its tensor
-  int64_t slot;  // cache slot of the token, < 0: not written
+  int64_t slot;  // cache slot of the token (k / v heads), < 0: not written
 };
 
 __device__ __forceinline__ Unit unit_of(const RopeArgs& a, int64_t unit) {
@@ -173,7 +173,8 @@ __device__ __forceinline__ Unit unit_of(const RopeArgs& a, int64_t unit) {
   u.kind = h < a.hq ? 0 : (h < a.hq + a.hkv ? 1 : 2);
   u.head = u.kind == 0 ? h : (u.kind == 1 ? h - a.hq : h - a.hq - a.hkv);
   u.slot = -1;
-  if (a.cache_kind != kNoCache && u.t < a.nslots) u.slot = a.slots[u.t * a.slot_stride];
+  if (a.cache_kind != kNoCache && u.kind != 0 && u.t < a.nslots)  // q heads never need it
+    u.slot = a.slots[u.t * a.slot_stride];
   return u;
 }
 

@@ -130,7 +130,7 @@ def make_impls(g: Geometry, norm: bool, have: dict[str, bool], cache, kc, vc, qw
                                          kw if norm else None, EPS, kc, vc, slots, ks, vs)
 
     impls["vllm_fusion"] = ours
-    if not have["cache"]:
+    if not have.get("cache"):
         return impls
     cache_ops = torch.ops._C_cache_ops
 
@@ -141,11 +141,13 @@ def make_impls(g: Geometry, norm: bool, have: dict[str, bool], cache, kc, vc, qw
 
         def vllm_unfused(qkv, pos, slots):
             q, k, v = g.split(qkv)
-            if norm:  # vLLM's Qwen3: rms_norm on the [T * H, D] views, out of place
-                qn = torch.empty((g.tokens * g.hq, g.d), dtype=g.dtype, device="cuda")
-                kn = torch.empty((g.tokens * g.hkv, g.d), dtype=g.dtype, device="cuda")
-                torch.ops._C.rms_norm(qn, q.reshape(-1, g.d), qw, EPS)
-                torch.ops._C.rms_norm(kn, k.reshape(-1, g.d), kw, EPS)
+            if norm:  # vLLM's Qwen3 (vllm_c rms_norm impl): [T, H, D] strided views in,
+                # new contiguous outputs
+                qh, kh = g.heads(q, g.hq), g.heads(k, g.hkv)
+                qn = torch.empty(qh.shape, dtype=g.dtype, device="cuda")
+                kn = torch.empty(kh.shape, dtype=g.dtype, device="cuda")
+                torch.ops._C.rms_norm(qn, qh, qw, EPS)
+                torch.ops._C.rms_norm(kn, kh, kw, EPS)
                 q, k = qn.view(g.tokens, -1), kn.view(g.tokens, -1)
             torch.ops._C.rotary_embedding(pos, q, k, g.d, cache, True)
             write_cache(g.heads(k, g.hkv), g.heads(v, g.hkv), slots)
@@ -153,10 +155,11 @@ def make_impls(g: Geometry, norm: bool, have: dict[str, bool], cache, kc, vc, qw
 
         impls["vllm"] = vllm_unfused
     if norm and have["fused_qk_norm_rope"]:
+        import vllm._custom_ops as vllm_ops  # noqa: PLC0415
 
         def vllm_fused(qkv, pos, slots):
-            torch.ops._C.fused_qk_norm_rope(qkv, g.hq, g.hkv, g.hkv, g.d, EPS, qw, kw, cache, True,
-                                            pos)
+            vllm_ops.fused_qk_norm_rope(qkv, g.hq, g.hkv, g.hkv, g.d, EPS, qw, kw, cache, True,
+                                        pos)
             q, k, v = g.split(qkv)
             write_cache(g.heads(k, g.hkv), g.heads(v, g.hkv), slots)
             return q, k

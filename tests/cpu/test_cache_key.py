@@ -92,15 +92,21 @@ def test_key_changes_with_each_setting(change):
     assert before[0] != after[0] and before[1] != after[1]
 
 
+# Arguments an op writes by design: vLLM's own paged KV cache, which the attention layer owns
+# and a compiled graph gets from vLLM's forward context, never a buffer a pass prepares.
+WRITES_VLLM_STATE = {"qk_norm_rope_kv_cache": ["key_cache", "value_cache"]}
+
+
 def test_ops_allocate_their_outputs():
-    """No op takes a buffer that a pass would have to prepare (a workspace, an output):
-    every argument is read-only, so a graph loaded from the cache needs only the library."""
+    """No op takes a buffer that a pass would have to prepare (a workspace, an output): every
+    argument is read-only, but vLLM's KV cache where an op writes it as vLLM's own kernels do,
+    so a graph loaded from the cache needs only the library."""
     from vllm_fusion.ops import OPS
 
     for name in OPS:
         schema = getattr(torch.ops.vllm_fusion, name).default._schema
         written = [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write]
-        assert written == [], f"{name} writes into {written}"
+        assert written == WRITES_VLLM_STATE.get(name, []), f"{name} writes into {written}"
         assert all(r.alias_info is None for r in schema.returns), name
 
 
