@@ -117,6 +117,25 @@ class Geometry:
         return self.tokens * per_token
 
 
+_COMPILED: dict[bool, object] = {}
+
+
+def compiled_norm_rope(norm: bool, d: int, cache, qw, kw):
+    """torch.compile of the native [q/k RMSNorm +] RoPE, one per variant (Inductor still
+    specializes on each token count: static shapes)."""
+    if norm not in _COMPILED:
+        rope, _ = native_rope()
+
+        def norm_rope(q, k, pos):
+            if norm:
+                q = rms_norm_ref(q.unflatten(-1, (-1, d)), qw, EPS).flatten(-2)
+                k = rms_norm_ref(k.unflatten(-1, (-1, d)), kw, EPS).flatten(-2)
+            return rope(pos, q, k, d, cache, True)
+
+        _COMPILED[norm] = compile_inductor(norm_rope)
+    return _COMPILED[norm]
+
+
 def make_impls(g: Geometry, norm: bool, have: dict[str, bool], cache, kc, vc, qw, kw, one):
     ops = torch.ops.vllm_fusion
     kv_dtype_str = "fp8" if g.fp8 else "auto"
@@ -166,15 +185,7 @@ def make_impls(g: Geometry, norm: bool, have: dict[str, bool], cache, kc, vc, qw
 
         impls["vllm_fused"] = vllm_fused
 
-    rope, _ = native_rope()
-
-    def norm_rope(q, k, pos):
-        if norm:
-            q = rms_norm_ref(g.heads(q, g.hq), qw, EPS).flatten(-2)
-            k = rms_norm_ref(g.heads(k, g.hkv), kw, EPS).flatten(-2)
-        return rope(pos, q, k, g.d, cache, True)
-
-    compiled = compile_inductor(norm_rope)
+    compiled = compiled_norm_rope(norm, g.d, cache, qw, kw)
 
     def inductor(qkv, pos, slots):
         q, k, v = g.split(qkv)
