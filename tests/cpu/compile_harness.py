@@ -161,8 +161,8 @@ def run_post_grad_passes(
         torch._inductor.config.patch(enable_auto_functionalized_v2=False),
         pass_context(Range(start=compile_range[0], end=compile_range[1])),
     ):
-        manager = configured_pass_manager(config)
         pre_grad = VllmIRInplaceFunctionalizationPass(config)
+        manager = None
 
         def forward_compiler(gm: torch.fx.GraphModule, _example_inputs):
             # What Inductor's compile_fx does before its post-grad custom pass.
@@ -188,6 +188,8 @@ def run_post_grad_passes(
         with fake_mode, torch.device("cuda"):
             model = make_model()
             inputs = make_inputs()
+        # As in vLLM, the passes are configured once the model (its attention layers) exists.
+        manager = configured_pass_manager(config)
         for index, dim in (dynamic_dims or {0: 0}).items():
             torch._dynamo.mark_dynamic(inputs[index], dim)
         # Stay in fake mode: factory ops inside the graph must not touch a device.
