@@ -123,7 +123,7 @@ class AttentionStack(torch.nn.Module):
     def __init__(self, *, hidden: int, head_size: int, num_heads: int, num_kv_heads: int,
                  dtype: torch.dtype, cache_config, is_neox: bool = True, rotary_dim=None,
                  qk_norm_eps: float | None = None, num_layers: int = 2, backend: str = "FLASH_ATTN",
-                 kv_sharing_last: bool = False):
+                 kv_sharing_last: bool = False, prefix: str = "model.layers"):
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -138,7 +138,7 @@ class AttentionStack(torch.nn.Module):
         rotary_dim = rotary_dim or head_size
         self.qkv_proj = torch.nn.ModuleList(
             QKVParallelLinear(hidden, head_size, num_heads, num_kv_heads, bias=False,
-                              params_dtype=dtype, prefix=f"model.layers.{i}.self_attn.qkv_proj")
+                              params_dtype=dtype, prefix=f"{prefix}.{i}.self_attn.qkv_proj")
             for i in range(num_layers))
         self.rotary_emb = get_rope(head_size, max_position=4096, is_neox_style=is_neox,
                                    rope_parameters={"rope_theta": 10000.0,
@@ -146,10 +146,10 @@ class AttentionStack(torch.nn.Module):
                                    dtype=dtype)
         self.attn = torch.nn.ModuleList(
             Attention(num_heads, head_size, head_size**-0.5, num_kv_heads=num_kv_heads,
-                      cache_config=cache_config, prefix=f"model.layers.{i}.self_attn.attn",
+                      cache_config=cache_config, prefix=f"{prefix}.{i}.self_attn.attn",
                       attn_backend=backend_cls,
                       kv_sharing_target_layer_name=(
-                          "model.layers.0.self_attn.attn"
+                          f"{prefix}.0.self_attn.attn"
                           if kv_sharing_last and i == num_layers - 1 and i > 0 else None))
             for i in range(num_layers))
         if self.qk_norm:
