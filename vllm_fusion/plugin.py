@@ -51,6 +51,7 @@ def _register() -> None:
         install_level_defaults,
         install_pass_config_hook,
         install_pass_manager_hook,
+        install_splitting_ops_hook,
     )
 
     registration_count += 1
@@ -61,6 +62,7 @@ def _register() -> None:
     install_level_defaults()
     install_pass_config_hook()
     install_config_validation()
+    install_splitting_ops_hook()
     owned = [f.flag for f in FUSIONS if f.package_pass is not None]
     delegated = [f.flag for f in FUSIONS if f.package_pass is None]
     logger.info(

@@ -60,7 +60,10 @@ class Setup:
     rms_norm_priority: str = "native"
     fused_add_rms_norm_priority: str = "native"
     graph_partition: bool = False
-    kv_update_split: bool = True
+    # The user's own compilation_config.splitting_ops hold vllm::unified_kv_cache_update (the
+    # KV-cache update then runs outside the compiled graph). Unset splitting_ops don't count:
+    # the package keeps the update in the graph when fuse_rope_kvcache is on.
+    kv_update_split: bool = False
     hidden_size: int | None = None
     # None: unknown (assumed present when simulating)
     has_flashinfer: bool | None = None
@@ -123,7 +126,7 @@ class Setup:
             rms_norm_priority=_safe(lambda: priority.rms_norm[0], "native"),
             fused_add_rms_norm_priority=_safe(lambda: priority.fused_add_rms_norm[0], "native"),
             graph_partition=bool(compilation.use_inductor_graph_partition),
-            kv_update_split=_safe(compilation.splitting_ops_contain_kv_cache_update, True),
+            kv_update_split=_safe(lambda: user_splits_kv_update(compilation), False),
             hidden_size=_safe(model.get_hidden_size, None) if model is not None else None,
             has_flashinfer=probe_flashinfer(),
             has_aiter=probe_aiter(),
@@ -133,6 +136,17 @@ class Setup:
             force_schemes=options["force_schemes"],
             scheme_overrides={k: tuple(v) for k, v in options["schemes"].items()},
         )
+
+
+KV_CACHE_UPDATE_OP = "vllm::unified_kv_cache_update"
+
+
+def user_splits_kv_update(compilation) -> bool:
+    """Whether splitting_ops (the user's, or vLLM's final list) take the KV-cache update out
+    of the graph, without Inductor graph partition to keep it in."""
+    ops = compilation.splitting_ops
+    return (ops is not None and KV_CACHE_UPDATE_OP in ops
+            and not compilation.use_inductor_graph_partition)
 
 
 def _safe(fn, default):
@@ -260,6 +274,11 @@ def _gate(cap: FusionCapability, setup: Setup) -> str | None:
         return "needs AITER (installed and VLLM_ROCM_USE_AITER=1)"
     if cap.dtypes and setup.dtype not in cap.dtypes:
         return f"model dtype {setup.dtype} not in {'/'.join(cap.dtypes)}"
+    if cap.needs_full_graph and cap.flag == "fuse_rope_kvcache" and setup.kv_update_split \
+            and not setup.graph_partition:
+        return (f"compilation_config.splitting_ops contains {KV_CACHE_UPDATE_OP}, so the "
+                "KV-cache write runs outside the compiled graph; remove it from splitting_ops "
+                "(or leave splitting_ops unset, or set use_inductor_graph_partition=True)")
     return _vllm_gate(cap.flag, setup) if cap.implementation == "vllm" else None
 
 
@@ -277,12 +296,6 @@ def _vllm_gate(flag: str, setup: Setup) -> str | None:
 
 def _vllm_predicate(flag: str, setup: Setup) -> str | None:
     """vLLM 0.26's level predicate beyond the gates: None when it holds, else why not."""
-    if flag == "fuse_rope_kvcache":
-        if "rotary_embedding" not in setup.custom_ops:
-            return "vLLM's predicate needs the +rotary_embedding custom op"
-        if setup.kv_update_split and not setup.graph_partition:
-            return ("vLLM's predicate needs the KV-cache update kept in the graph "
-                    "(Inductor graph partition or not a splitting op)")
     return None
 
 

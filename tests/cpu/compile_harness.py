@@ -66,24 +66,27 @@ def make_vllm_config(
     pass_config: dict[str, Any] | None = None,
     optimization_level: int | None = None,
     additional_config: dict[str, Any] | None = None,
+    compilation: dict[str, Any] | None = None,
     **model_overrides: Any,
 ):
-    """A VllmConfig for ``-O<level>`` compilation of a tiny local model."""
+    """A VllmConfig for ``-O<level>`` compilation of a tiny local model; ``compilation``:
+    more CompilationConfig fields (splitting_ops, use_inductor_graph_partition, ...)."""
     from vllm.config import CompilationConfig, CompilationMode, ModelConfig, PassConfig, VllmConfig
 
     model = local_model_dir(**model_overrides)
     model_config = ModelConfig(model=model, tokenizer=model, dtype=dtype, skip_tokenizer_init=True)
-    compilation = CompilationConfig(
+    compilation_config = CompilationConfig(
         mode=CompilationMode.VLLM_COMPILE,
         custom_ops=list(custom_ops),
         pass_config=PassConfig(**(pass_config or {})),
+        **(compilation or {}),
     )
     kwargs: dict[str, Any] = {}
     if optimization_level is not None:
         kwargs["optimization_level"] = optimization_level
     return VllmConfig(
         model_config=model_config,
-        compilation_config=compilation,
+        compilation_config=compilation_config,
         additional_config=additional_config or {},
         **kwargs,
     )
@@ -161,8 +164,8 @@ def run_post_grad_passes(
         torch._inductor.config.patch(enable_auto_functionalized_v2=False),
         pass_context(Range(start=compile_range[0], end=compile_range[1])),
     ):
-        manager = configured_pass_manager(config)
         pre_grad = VllmIRInplaceFunctionalizationPass(config)
+        manager = None
 
         def forward_compiler(gm: torch.fx.GraphModule, _example_inputs):
             # What Inductor's compile_fx does before its post-grad custom pass.
@@ -188,6 +191,8 @@ def run_post_grad_passes(
         with fake_mode, torch.device("cuda"):
             model = make_model()
             inputs = make_inputs()
+        # As in vLLM, the passes are configured once the model (its attention layers) exists.
+        manager = configured_pass_manager(config)
         for index, dim in (dynamic_dims or {0: 0}).items():
             torch._dynamo.mark_dynamic(inputs[index], dim)
         # Stay in fake mode: factory ops inside the graph must not touch a device.

@@ -91,3 +91,85 @@ class QuantizedDecoderStack(torch.nn.Module):
             hidden_states = self.gemm(self.act(hidden_states), self.w_down)
         hidden_states, _ = self.norms[-1](hidden_states, residual)
         return hidden_states
+
+
+def init_single_process_parallel() -> None:
+    """TP=1 process groups (gloo), which vLLM's parallel linear layers ask for. Call it
+    outside fake mode, with the test's config current."""
+    import socket
+
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if model_parallel_is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    initialize_model_parallel(1, 1)
+
+
+class AttentionStack(torch.nn.Module):
+    """``num_layers`` Llama (or, with ``qk_norm_eps``, Qwen3) self-attention blocks.
+
+    Per layer, as ``LlamaAttention`` / ``Qwen3Attention`` write it: ``QKVParallelLinear`` ->
+    split -> (Qwen3: per-head ``RMSNorm`` of q and k) -> ``get_rope`` rotary -> vLLM's
+    ``Attention`` (which calls ``unified_kv_cache_update`` then the attention op) -> o_proj
+    stand-in GEMM. Call with ``(positions, hidden_states)``.
+    """
+
+    def __init__(self, *, hidden: int, head_size: int, num_heads: int, num_kv_heads: int,
+                 dtype: torch.dtype, cache_config, is_neox: bool = True, rotary_dim=None,
+                 qk_norm_eps: float | None = None, num_layers: int = 2, backend: str = "FLASH_ATTN",
+                 kv_sharing_last: bool = False, prefix: str = "model.layers"):
+        super().__init__()
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.layers.layernorm import RMSNorm
+        from vllm.model_executor.layers.linear import QKVParallelLinear
+        from vllm.model_executor.layers.rotary_embedding import get_rope
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        self.head_size, self.num_layers = head_size, num_layers
+        self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
+        self.qk_norm = qk_norm_eps is not None
+        backend_cls = AttentionBackendEnum[backend].get_class()
+        rotary_dim = rotary_dim or head_size
+        self.qkv_proj = torch.nn.ModuleList(
+            QKVParallelLinear(hidden, head_size, num_heads, num_kv_heads, bias=False,
+                              params_dtype=dtype, prefix=f"{prefix}.{i}.self_attn.qkv_proj")
+            for i in range(num_layers))
+        self.rotary_emb = get_rope(head_size, max_position=4096, is_neox_style=is_neox,
+                                   rope_parameters={"rope_theta": 10000.0,
+                                                    "partial_rotary_factor": rotary_dim / head_size},
+                                   dtype=dtype)
+        self.attn = torch.nn.ModuleList(
+            Attention(num_heads, head_size, head_size**-0.5, num_kv_heads=num_kv_heads,
+                      cache_config=cache_config, prefix=f"{prefix}.{i}.self_attn.attn",
+                      attn_backend=backend_cls,
+                      kv_sharing_target_layer_name=(
+                          f"{prefix}.0.self_attn.attn"
+                          if kv_sharing_last and i == num_layers - 1 and i > 0 else None))
+            for i in range(num_layers))
+        if self.qk_norm:
+            self.q_norm = torch.nn.ModuleList(RMSNorm(head_size, eps=qk_norm_eps, dtype=dtype)
+                                              for _ in range(num_layers))
+            self.k_norm = torch.nn.ModuleList(RMSNorm(head_size, eps=qk_norm_eps, dtype=dtype)
+                                              for _ in range(num_layers))
+        self.w_o = torch.nn.Parameter(torch.randn(self.q_size, hidden, dtype=dtype), False)
+
+    def _norm_heads(self, x: torch.Tensor, norm) -> torch.Tensor:
+        # Qwen3Attention.forward: RMSNorm over each head.
+        by_head = x.view(*x.shape[:-1], x.shape[-1] // self.head_size, self.head_size)
+        return norm(by_head).view(x.shape)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        for i in range(self.num_layers):
+            qkv, _ = self.qkv_proj[i](hidden_states)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            if self.qk_norm:
+                q, k = self._norm_heads(q, self.q_norm[i]), self._norm_heads(k, self.k_norm[i])
+            q, k = self.rotary_emb(positions, q, k)
+            hidden_states = self.attn[i](q, k, v) @ self.w_o
+        return hidden_states

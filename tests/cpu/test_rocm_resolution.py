@@ -116,17 +116,39 @@ def test_aiter_route_needs_no_package_kernels():
 
 
 @pytest.mark.parametrize("flag", ["fuse_norm_quant", "fuse_act_quant", "fuse_allreduce_rms",
-                                  "fuse_rope_kvcache", "fuse_attn_quant"])
+                                  "fuse_attn_quant"])
 def test_gfx90a_explicit_true_is_off_with_a_warning(flag):
     d = decide(flag, "gfx90a", tp=2, quant="fp8-group", flags={flag: True})
     assert not d.enabled and d.warning.startswith(f"{flag} is turned off on gfx90a: "), d
 
 
 def test_aiter_only_fusion_explicit_true_without_aiter_warns():
-    flag = "fuse_rope_kvcache"
-    d = decide(flag, "gfx942", aiter=False, flags={flag: True})
+    flag = "fuse_allreduce_rms"
+    d = decide(flag, "gfx942", aiter=False, tp=2, flags={flag: True})
     assert not d.enabled and "AITER not enabled" in d.warning, d
-    assert decide(flag, "gfx942", flags={flag: True}).route == "aiter"
+    assert decide(flag, "gfx942", tp=2, flags={flag: True}).route == "aiter"
+
+
+@pytest.mark.parametrize("platform", ROCM)
+@pytest.mark.parametrize("aiter", [True, False])
+def test_rope_kvcache_aiter_on_mi3xx_else_the_hip_kernel(platform, aiter):
+    flag = "fuse_rope_kvcache"
+    d = decide(flag, platform, aiter=aiter, flags={flag: True})
+    assert d.enabled and d.warning is None, d
+    if aiter and platform in MI3XX:
+        # vLLM's RopeKVCacheFusionPass with AITER's fused_qk_rope_reshape_and_cache.
+        assert d.route == "aiter" and d.implementation == "vllm", d
+    else:
+        assert d.route == "vllm_fusion" and d.implementation == "vllm_fusion", d
+    # Off by default, like on CUDA, until measured.
+    assert not decide(flag, platform, aiter=aiter).enabled
+
+
+@pytest.mark.parametrize("platform", ROCM)
+def test_qk_norm_rope_is_the_package_kernel_on_every_rocm_chip(platform):
+    flag = "enable_qk_norm_rope_fusion"
+    d = decide(flag, platform, flags={flag: True})
+    assert d.enabled and d.route == "vllm_fusion" and d.implementation == "vllm_fusion", d
 
 
 @pytest.mark.parametrize("platform", ["gfx90a", "gfx942", "gfx950"])

@@ -9,6 +9,7 @@ pass-manager module, so processes that never compile import nothing extra.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.abc
 import importlib.machinery
@@ -139,10 +140,21 @@ def configure_with_package_passes(original, manager, config) -> None:
     )
 
 
+def _register_graph_ops() -> None:
+    """The package's Python ops that compiled graphs call: registered wherever vLLM compiles
+    or loads a compiled graph (a cache hit runs no pass that would import them)."""
+    try:
+        importlib.import_module("vllm_fusion.ops.rope_cache_update")
+    except Exception as e:  # the RoPE + KV-cache pass then fails to build and says so
+        logger.warning("vllm_fusion: could not register vllm_fusion::rope_kv_cache_update "
+                       "(%s: %s)", type(e).__name__, e)
+
+
 def _wrap_configure(manager_cls) -> None:
     original = manager_cls.configure
     if getattr(original, _WRAPPED, False):
         return
+    _register_graph_ops()
 
     @functools.wraps(original)
     def configure(self, config) -> None:
@@ -204,7 +216,7 @@ def install_level_defaults() -> None:
 
 # PassConfig flags vLLM 0.26 forces off off-ROCm (PassConfig.__post_init__) that the package
 # runs elsewhere too.
-VLLM_ROCM_ONLY_FLAGS = ("fuse_act_padding",)
+VLLM_ROCM_ONLY_FLAGS = ("fuse_act_padding", "fuse_rope_kvcache")
 
 
 def install_pass_config_hook() -> None:
@@ -255,6 +267,102 @@ def install_config_validation() -> None:
         original(self)
 
     setattr(__post_init__, _WRAPPED, True)
+    VllmConfig.__post_init__ = __post_init__
+
+
+# vLLM's splitting op for the KV-cache update of (non-MLA) attention layers.
+KV_CACHE_UPDATE_OP = "vllm::unified_kv_cache_update"
+ROPE_FLAGS = ("fuse_rope_kvcache", "enable_qk_norm_rope_fusion")
+_post_init_config: contextvars.ContextVar = contextvars.ContextVar(
+    "vllm_fusion_post_init_config", default=None)
+
+
+def _rope_decisions(vllm_config) -> dict:
+    from vllm_fusion.resolver import Setup, resolve_fusion
+
+    setup = Setup.from_vllm_config(vllm_config)
+    return {flag: resolve_fusion(flag, setup) for flag in ROPE_FLAGS}
+
+
+def _ensure_rotary_custom_op(compilation) -> None:
+    """The RoPE patterns match vLLM's rotary custom op, as vLLM's own RoPE passes do; vLLM
+    appends it only for flags set explicitly, not for level defaults."""
+    if not any(op in compilation.custom_ops for op in ("+rotary_embedding", "-rotary_embedding")):
+        compilation.custom_ops.append("+rotary_embedding")
+
+
+def _keeps_kv_update_in_graph(compilation, decision) -> bool:
+    """Whether vLLM would split the KV-cache update out of the graph (and turn the fusion
+    off) only because the user left splitting_ops unset."""
+    from vllm.config import CompilationMode
+
+    return (decision.enabled and decision.route in ("vllm_fusion", "aiter")
+            and compilation.splitting_ops is None
+            and not compilation.use_inductor_graph_partition
+            and compilation.mode == CompilationMode.VLLM_COMPILE
+            and not compilation.pass_config.fuse_attn_quant)
+
+
+def arrange_rope_fusions(original, compilation, vllm_config, *args, **kwargs) -> None:
+    """``CompilationConfig.set_splitting_ops_for_v1`` with what the RoPE fusions need."""
+    decisions = _rope_decisions(vllm_config)
+    for flag in ROPE_FLAGS:
+        if decisions[flag].enabled:
+            _ensure_rotary_custom_op(compilation)
+    rope = decisions["fuse_rope_kvcache"]
+    if rope.warning:
+        logger.warning_once("vllm_fusion: %s", rope.warning)
+    if not _keeps_kv_update_in_graph(compilation, rope):
+        original(compilation, *args, **kwargs)
+        return
+    with flags_turned_off(compilation.pass_config, ["fuse_rope_kvcache"]):
+        original(compilation, *args, **kwargs)
+    if compilation.splitting_ops and KV_CACHE_UPDATE_OP in compilation.splitting_ops:
+        compilation.splitting_ops.remove(KV_CACHE_UPDATE_OP)
+        logger.info_once(
+            "vllm_fusion: fuse_rope_kvcache keeps %s in the compiled graph (not a splitting "
+            "op) so that RoPE and the KV-cache write fuse", KV_CACHE_UPDATE_OP)
+
+
+def install_splitting_ops_hook() -> None:
+    """Arrange the graph splitting and custom ops the RoPE fusions need, in VllmConfig's
+    ``__post_init__`` (where vLLM decides its splitting ops, after the level defaults)."""
+    from vllm.config import CompilationConfig, VllmConfig
+
+    original_split = CompilationConfig.set_splitting_ops_for_v1
+    if getattr(original_split, _WRAPPED, False):
+        return
+
+    @functools.wraps(original_split)
+    def set_splitting_ops_for_v1(self, *args, **kwargs) -> None:
+        vllm_config = _post_init_config.get()
+        if vllm_config is None or vllm_config.compilation_config is not self:
+            original_split(self, *args, **kwargs)
+            return
+        try:
+            arrange_rope_fusions(original_split, self, vllm_config, *args, **kwargs)
+        except FusionConfigError:
+            raise
+        except Exception as e:  # never stop vLLM: its own splitting
+            logger.warning("vllm_fusion: could not arrange the RoPE fusions (%s: %s)",
+                           type(e).__name__, e)
+            if self.splitting_ops is None:
+                original_split(self, *args, **kwargs)
+
+    original_init = VllmConfig.__post_init__
+
+    @functools.wraps(original_init)
+    def __post_init__(self) -> None:
+        token = _post_init_config.set(self)
+        try:
+            original_init(self)
+        finally:
+            _post_init_config.reset(token)
+
+    setattr(set_splitting_ops_for_v1, _WRAPPED, True)
+    # Not _WRAPPED: that marks install_config_validation's wrapper of the same method.
+    setattr(__post_init__, "__vllm_fusion_tracks_config__", True)
+    CompilationConfig.set_splitting_ops_for_v1 = set_splitting_ops_for_v1
     VllmConfig.__post_init__ = __post_init__
 
 

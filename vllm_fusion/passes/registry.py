@@ -46,9 +46,17 @@ FUSIONS: tuple[Fusion, ...] = (
         ("ActivationQuantFusionPass", "RocmAiterSiluMulFp8GroupQuantFusionPass"),
         "vllm_fusion.passes.act_quant_fusion:ActivationQuantFusionPass",
     ),
-    Fusion("fuse_rope_kvcache", ("RopeKVCacheFusionPass",)),
+    Fusion(
+        "fuse_rope_kvcache",
+        ("RopeKVCacheFusionPass",),
+        "vllm_fusion.passes.rope_kvcache_fusion:RopeKVCacheFusionPass",
+    ),
     Fusion("fuse_attn_quant", ("AttnQuantFusionPass",)),
-    Fusion("enable_qk_norm_rope_fusion", ("QKNormRoPEFusionPass",)),
+    Fusion(
+        "enable_qk_norm_rope_fusion",
+        ("QKNormRoPEFusionPass",),
+        "vllm_fusion.passes.qk_norm_rope_fusion:QKNormRoPEFusionPass",
+    ),
 )
 
 FUSION_FLAGS: tuple[str, ...] = tuple(f.flag for f in FUSIONS)
