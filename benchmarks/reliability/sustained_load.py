@@ -7,8 +7,8 @@
 Two servers start on the same dummy weights (``--load-format dummy`` seeds them alike):
 
 * ``fused``: the plugin loaded, every fusion the package implements on
-  (``-cc.pass_config.fuse_norm_quant=True -cc.pass_config.fuse_act_quant=True`` and
-  ``force_schemes``, so that each scheme the package has a kernel for is fused);
+  (``fuse_norm_quant``, ``fuse_act_quant``, ``fuse_rope_kvcache``,
+  ``enable_qk_norm_rope_fusion`` and ``force_schemes``, so that each scheme the package has a kernel for is fused);
 * ``unfused``: ``VLLM_PLUGINS=`` (set but empty: vLLM loads no plugin), the fusions off.
 
 Both get the same deterministic prompts. First each server answers every prompt once (the
@@ -46,9 +46,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 FUSED_ARGS = (
     "-cc.pass_config.fuse_norm_quant=True -cc.pass_config.fuse_act_quant=True "
+    "-cc.pass_config.fuse_rope_kvcache=True -cc.pass_config.enable_qk_norm_rope_fusion=True "
     "--additional-config '{\"vllm_fusion\": {\"force_schemes\": true}}'"
 )
-UNFUSED_ARGS = "-cc.pass_config.fuse_norm_quant=False -cc.pass_config.fuse_act_quant=False"
+UNFUSED_ARGS = (
+    "-cc.pass_config.fuse_norm_quant=False -cc.pass_config.fuse_act_quant=False "
+    "-cc.pass_config.fuse_rope_kvcache=False -cc.pass_config.enable_qk_norm_rope_fusion=False"
+)
 # Lines of a server log that mean something went wrong while serving.
 ERROR_MARKERS = ("Traceback (most recent call last)", " ERROR ", "CUDA error", "EngineDeadError")
 
