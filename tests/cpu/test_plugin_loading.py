@@ -129,4 +129,4 @@ def test_mismatched_vllm_version_warns_with_supported_range(monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="vllm"):
         plugin._check_vllm_version()
     messages = [r.getMessage() for r in caplog.records]
-    assert any("supports vLLM 0.26.0; found 0.99.0" in m for m in messages), messages
+    assert any("supports vLLM 0.26.0 / 0.33.0; found 0.99.0" in m for m in messages), messages
