@@ -227,3 +227,21 @@ def get_only_user(node: fx.Node) -> fx.Node:
     if len(node.users) != 1:
         raise ValueError(f"node {node} has {len(node.users)} users, expected 1")
     return next(iter(node.users))
+
+
+# ------------------------------------------------------------------ logging
+
+def configure_vllm_logging() -> None:
+    """Set up vLLM's log handlers as its entry points do.
+
+    vLLM 0.26 configures its root logger when ``vllm.logger`` is imported; 0.33 only when an
+    entry point (``vllm serve``, ``LLM``...) applies a ``LoggingConfig``, so a bare process
+    (a test, a script) prints nothing below WARNING until this runs."""
+    import vllm.logger as vllm_logger
+
+    configure = getattr(vllm_logger, "configure_logging_if_needed", None)
+    if configure is None:
+        return  # 0.26: configured at import
+    from vllm.config.logging import LoggingConfig
+
+    configure(LoggingConfig())

@@ -22,6 +22,8 @@ PROBE = textwrap.dedent(
     from tests.cpu.fake_platform import install_fake_cuda_platform, load_libcuda
     load_libcuda()
     install_fake_cuda_platform()
+    from vllm_fusion import compat
+    compat.configure_vllm_logging()  # as vLLM's entry points do before loading plugins
     import vllm.plugins
     vllm.plugins.load_general_plugins()
     vllm.plugins.load_general_plugins()
