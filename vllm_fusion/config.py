@@ -159,8 +159,9 @@ def parse_options(additional_config: Any) -> dict[str, Any]:
         typ = available[name][0]
         if value is None and available[name][1] is None:
             continue  # explicitly unset
-        # bool is an int subclass: reject 1/0 where a bool is asked for.
-        if typ is bool and not isinstance(value, bool) or not isinstance(value, typ):
+        # bool is an int subclass: reject 1/0 where a bool is asked for, and True for an int.
+        if (typ is bool and not isinstance(value, bool) or not isinstance(value, typ)
+                or typ is int and isinstance(value, bool)):
             raise FusionConfigError(
                 f'additional_config["{ADDITIONAL_CONFIG_KEY}"]["{name}"] must be '
                 f"{_TYPE_NAMES.get(typ, typ.__name__)}, got {value!r}"
