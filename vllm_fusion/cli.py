@@ -109,10 +109,8 @@ def doctor_report() -> dict:
         "gpu": _gpu(),
         "kernels": {"loaded": kernels.loaded, "detail": kernels.describe(),
                     "path": kernels.path},
-        "fusions": {
-            f.flag: "vllm_fusion pass" if f.package_pass else "vLLM's pass (not yet replaced)"
-            for f in FUSIONS
-        },
+        "fusions": {f.flag: _implementation(f) for f in FUSIONS},
+        "vllm_api": vllm_api_report(),
         "flashinfer_ops": _probe_ops("flashinfer.comm", "allreduce_fusion",
                                      "create_allreduce_fusion_workspace"),
         "aiter_ops": _aiter_ops_report(),
@@ -126,6 +124,41 @@ def doctor_report() -> dict:
         # Who runs each fusion at -O2 here: vllm_fusion, vllm, aiter (vLLM's AITER pass), off.
         "routes_O2": {flag: d.route or "off"
                       for flag, d in resolve_levels(setup, [2])[2].items()},
+    }
+
+
+def _implementation(fusion) -> str:
+    from vllm_fusion import compat
+
+    if fusion.package_pass:
+        return "vllm_fusion pass"
+    if not compat.release().has_vllm_pass(fusion.flag):
+        return f"none (vLLM {compat.release().version} has no pass)"
+    return "vLLM's pass (not yet replaced)"
+
+
+def vllm_api_report() -> dict:
+    """What the installed vLLM offers the package: the fusion flags its PassConfig has, which
+    fusions the package owns or leaves to vLLM, and the settings read from additional_config."""
+    from vllm_fusion import compat
+    from vllm_fusion.passes.registry import FUSIONS
+
+    try:
+        fields = sorted(f for f in compat.pass_config_fields()
+                        if f.startswith(("fuse_", "enable_")))
+    except Exception as e:  # a broken vLLM install must not break doctor
+        fields = [f"unknown ({type(e).__name__}: {e})"]
+    release = compat.release()
+    return {
+        "release": release.version,
+        "pass_config_fusion_flags": fields,
+        "owned": [f.flag for f in FUSIONS if f.package_pass],
+        "delegated": [f.flag for f in FUSIONS
+                      if not f.package_pass and release.has_vllm_pass(f.flag)],
+        "unavailable": [f.flag for f in FUSIONS
+                        if not f.package_pass and not release.has_vllm_pass(f.flag)],
+        "additional_config_settings": list(release.additional_config_settings),
+        "norm_canonicalization": list(release.canonicalization_passes),
     }
 
 
@@ -155,6 +188,7 @@ def _print_doctor(report: dict) -> None:
     kernel_style = "green" if report["kernels"]["loaded"] else "red"
     table.add_row("kernels", f"[{kernel_style}]{report['kernels']['detail']}[/{kernel_style}]")
     console.print(table)
+    _print_vllm_api(console, report["vllm_api"])
     fusions = Table(title="fusions")
     fusions.add_column("PassConfig flag")
     fusions.add_column("implementation")
@@ -167,6 +201,25 @@ def _print_doctor(report: dict) -> None:
                         report["routes_O2"][flag])
     console.print(fusions)
     console.print("TP=1, unquantized model; `vllm-fusion matrix` shows why (and other setups).")
+
+
+def _print_vllm_api(console, api: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"vLLM {api['release']} API as the package uses it", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    none = "none"
+    table.add_row("PassConfig fusion flags", ", ".join(api["pass_config_fusion_flags"]) or none)
+    table.add_row("owned by vllm_fusion", ", ".join(api["owned"]) or none)
+    table.add_row("delegated to vLLM", ", ".join(api["delegated"]) or none)
+    table.add_row("no pass in this vLLM", ", ".join(api["unavailable"]) or none)
+    table.add_row("from additional_config", ", ".join(
+        f"vllm_fusion.{s}" for s in api["additional_config_settings"]) or
+        "none beyond the package's options (SP settings are PassConfig's)")
+    table.add_row("norm canonicalization", ", ".join(api["norm_canonicalization"]) or
+                  "none (vLLM has no such pass)")
+    console.print(table)
 
 
 def _level(text: str) -> int:

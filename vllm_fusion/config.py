@@ -2,7 +2,10 @@
 
 User options come from ``--additional-config '{"vllm_fusion": {...}}'``, which
 vLLM pickles to every process and hashes into its compile-cache key. Flags vLLM
-already has stay in vLLM's PassConfig (``-cc.pass_config.fuse_norm_quant=True``).
+already has stay in vLLM's PassConfig (``-cc.pass_config.fuse_norm_quant=True``);
+the sequence-parallelism settings vLLM 0.33 removed from it (``enable_sp``,
+``fuse_gemm_comms``, ``sp_min_token_num``) are options here on 0.33 only
+(``vllm_fusion.compat``).
 A pass never reads the environment or the device: it is handed these settings.
 """
 
@@ -13,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_fusion import compat
 from vllm_fusion.logger import init_logger
 from vllm_fusion.matrix import load_matrix
 from vllm_fusion.passes.registry import FUSION_FLAGS
@@ -34,6 +38,13 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
                     '{"fuse_act_quant": [1, 8192]}'),
 }
 
+# The settings vLLM 0.33 dropped from PassConfig: options where the installed vLLM lacks them.
+# None: unset (the fusion's level default, vLLM 0.26's size threshold).
+SP_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    name: (typ, None, f"{meaning} (vLLM 0.26: pass_config.{name})")
+    for name, (typ, meaning) in compat.SP_SETTINGS.items()
+}
+
 _TYPE_NAMES = {bool: "bool", dict: "object", int: "int", str: "string", list: "list"}
 
 
@@ -41,9 +52,16 @@ class FusionConfigError(ValueError):
     """A bad ``additional_config["vllm_fusion"]``; fails vLLM's startup."""
 
 
+def available_options() -> dict[str, tuple[type, Any, str]]:
+    """The options valid with the installed vLLM: ``OPTIONS`` plus the SP settings where
+    its PassConfig lacks them."""
+    moved = compat.release().additional_config_settings
+    return {**OPTIONS, **{name: SP_OPTIONS[name] for name in moved}}
+
+
 def _allowed() -> str:
     return ", ".join(f"{name} ({_TYPE_NAMES.get(typ, typ.__name__)})"
-                     for name, (typ, _, _) in OPTIONS.items())
+                     for name, (typ, _, _) in available_options().items())
 
 
 def _owned_flags() -> tuple[str, ...]:
@@ -92,7 +110,28 @@ def _check_token_range(value: dict) -> dict[str, list[int]]:
     return value
 
 
-_CHECKS = {"schemes": _check_schemes, "token_range": _check_token_range}
+def _check_sp_min_token_num(value: int) -> int:
+    if value < 1:
+        raise FusionConfigError(f"{_key('sp_min_token_num')} must be an integer >= 1; "
+                                f"got {value!r}")
+    return value
+
+
+_CHECKS = {"schemes": _check_schemes, "token_range": _check_token_range,
+           "sp_min_token_num": _check_sp_min_token_num}
+
+
+def _reject_pass_config_settings(raw: dict) -> None:
+    """An SP setting in additional_config where vLLM's PassConfig still has it (0.26)."""
+    misplaced = sorted(name for name in raw
+                       if name in SP_OPTIONS and compat.release().in_pass_config(name))
+    if misplaced:
+        name = misplaced[0]
+        raise FusionConfigError(
+            f"{_key(name)} is not an option with vLLM {compat.release().version}: "
+            f"{name} is vLLM's own setting there (-cc.pass_config.{name}=...); "
+            f"allowed keys: {_allowed()}"
+        )
 
 
 def parse_options(additional_config: Any) -> dict[str, Any]:
@@ -107,17 +146,22 @@ def parse_options(additional_config: Any) -> dict[str, Any]:
             f'additional_config["{ADDITIONAL_CONFIG_KEY}"] must be a JSON object, '
             f"got {type(raw).__name__}; allowed keys: {_allowed()}"
         )
-    unknown = sorted(set(raw) - set(OPTIONS))
+    _reject_pass_config_settings(raw)
+    available = available_options()
+    unknown = sorted(set(raw) - set(available))
     if unknown:
         raise FusionConfigError(
             f'unknown key(s) {", ".join(map(repr, unknown))} in '
             f'additional_config["{ADDITIONAL_CONFIG_KEY}"]; allowed keys: {_allowed()}'
         )
-    options = {name: default for name, (_, default, _) in OPTIONS.items()}
+    options = {name: default for name, (_, default, _) in available.items()}
     for name, value in raw.items():
-        typ = OPTIONS[name][0]
-        # bool is an int subclass: reject 1/0 where a bool is asked for.
-        if typ is bool and not isinstance(value, bool) or not isinstance(value, typ):
+        typ = available[name][0]
+        if value is None and available[name][1] is None:
+            continue  # explicitly unset
+        # bool is an int subclass: reject 1/0 where a bool is asked for, and True for an int.
+        if (typ is bool and not isinstance(value, bool) or not isinstance(value, typ)
+                or typ is int and isinstance(value, bool)):
             raise FusionConfigError(
                 f'additional_config["{ADDITIONAL_CONFIG_KEY}"]["{name}"] must be '
                 f"{_TYPE_NAMES.get(typ, typ.__name__)}, got {value!r}"
@@ -181,7 +225,6 @@ def resolve(vllm_config) -> FusionSettings:
     from vllm_fusion.resolver import Setup, package_schemes, resolve_fusion
 
     options = parse_options(vllm_config.additional_config)
-    pass_config = vllm_config.compilation_config.pass_config
     matrix = load_matrix()
     setup = Setup.from_vllm_config(vllm_config)
     platform = setup.platform
@@ -189,8 +232,9 @@ def resolve(vllm_config) -> FusionSettings:
     token_ranges: dict[str, tuple[int, int]] = {}
     schemes: dict[str, tuple[str, ...]] = {}
     delegated: list[str] = []
+    values = compat.fusion_flag_values(vllm_config, FUSION_FLAGS, options)
     for flag in FUSION_FLAGS:
-        on = bool(getattr(pass_config, flag, False))
+        on = bool(values[flag])
         capability = matrix.get(flag)
         if capability is not None and capability.implementation == "vllm_fusion":
             decision = resolve_fusion(flag, setup)

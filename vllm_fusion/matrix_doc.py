@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from vllm_fusion.compat import VLLM_0_26
 from vllm_fusion.matrix import ALL_SCHEMES, RocmRow, load_full_matrix
 from vllm_fusion.resolver import LEVELS, resolve_fusion, simulated_setup
 
@@ -19,7 +20,8 @@ def _yes(value: bool) -> str:
 
 def _first_level(flag: str, platform: str, tp: int) -> str:
     for level in LEVELS:
-        if resolve_fusion(flag, simulated_setup(platform, tp=tp, level=level)).enabled:
+        if resolve_fusion(flag, simulated_setup(platform, tp=tp, level=level,
+                                                         vllm=VLLM_0_26.version)).enabled:
             return f"O{level}"
     return "-"
 
@@ -45,7 +47,8 @@ def render_markdown() -> str:
     add("What each fusion can do, where, and what turns it on. `vllm-fusion matrix` resolves it "
         "for this machine or a simulated one (`--platform sm90 --tp 2 --quant fp8-static "
         "--level O2`). Fusions marked `vllm` are vLLM 0.26's own passes: the package does not "
-        "change them, this page only says what vLLM does.")
+        "change them, this page only says what vLLM does. vLLM 0.33 removed sequence "
+        "parallelism: there `enable_sp` and `fuse_gemm_comms` stay off whatever is set.")
     add("")
     add("## Fusions")
     add("")

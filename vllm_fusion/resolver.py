@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from vllm_fusion import compat
 from vllm_fusion.matrix import FusionCapability, load_full_matrix, platform_vendor
 from vllm_fusion.passes.registry import FUSION_FLAGS
 
@@ -75,6 +76,10 @@ class Setup:
     package_enabled: bool = True
     force_schemes: bool = False
     scheme_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # pass_config.sp_min_token_num (vLLM 0.26) / additional_config (0.33); None: unset
+    sp_min_token_num: int | None = None
+    # The vLLM release decided for (its passes and settings differ): the installed one.
+    vllm: str = field(default_factory=lambda: compat.release().version)
 
     @property
     def vendor(self) -> str:
@@ -93,7 +98,8 @@ class Setup:
                          flags: Mapping[str, bool] | None = None) -> Setup:
         """The setup of ``vllm_config`` on ``platform`` (default: this process's).
 
-        ``flags`` default to every PassConfig fusion flag that is set (not None).
+        ``flags`` default to every fusion flag that is set (not None): PassConfig's, and on
+        vLLM 0.33 the SP flags of ``additional_config["vllm_fusion"]``.
         """
         from vllm_fusion import _kernels
         from vllm_fusion.config import parse_options
@@ -101,10 +107,9 @@ class Setup:
 
         options = parse_options(vllm_config.additional_config)
         compilation = vllm_config.compilation_config
-        pass_config = compilation.pass_config
         if flags is None:
-            flags = {f: bool(v) for f in FUSION_FLAGS
-                     if (v := getattr(pass_config, f, None)) is not None}
+            values = compat.fusion_flag_values(vllm_config, FUSION_FLAGS, options)
+            flags = {f: bool(v) for f, v in values.items() if v is not None}
         parallel = vllm_config.parallel_config
         model = vllm_config.model_config
         custom_ops = tuple(
@@ -135,6 +140,7 @@ class Setup:
             package_enabled=options["enabled"],
             force_schemes=options["force_schemes"],
             scheme_overrides={k: tuple(v) for k, v in options["schemes"].items()},
+            sp_min_token_num=compat.read_setting(vllm_config, "sp_min_token_num", options),
         )
 
 
@@ -286,11 +292,15 @@ def _vllm_gate(flag: str, setup: Setup) -> str | None:
     """Where vLLM 0.26 itself refuses a fusion that the data's fields don't express."""
     if flag == "fuse_allreduce_rms" and setup.vendor == "cuda" and setup.tp not in _FI_WORLD_SIZES:
         return f"FlashInfer's fused all-reduce takes TP in {_FI_WORLD_SIZES} (TP={setup.tp})"
-    if flag in ("enable_sp", "fuse_gemm_comms"):
+    release = compat.release_for(setup.vllm)
+    if not release.has_vllm_pass(flag):
+        return (f"vLLM {release.version} has no {flag} pass (removed in 0.33) and "
+                "vllm_fusion does not implement it")
+    if flag in ("enable_sp", "fuse_gemm_comms") and setup.sp_min_token_num is None:
         threshold = _SP_MIN_HIDDEN.get(setup.platform)
         if setup.hidden_size is not None and threshold and setup.hidden_size < threshold:
             return (f"hidden size {setup.hidden_size} below vLLM's SP threshold {threshold}: "
-                    "VllmConfig disables SP (set pass_config.sp_min_token_num to force)")
+                    "VllmConfig disables SP (set sp_min_token_num to force)")
     return None
 
 
@@ -341,7 +351,10 @@ def resolve_fusion(flag: str, setup: Setup) -> Decision:
         return Decision(flag, False, "off", reason, impl, explicit is not None, warning)
 
     if explicit is False:
-        return off(f"turned off explicitly (-cc.pass_config.{flag}=False)")
+        where = (f"-cc.pass_config.{flag}=False"
+                 if compat.release_for(setup.vllm).in_pass_config(flag)
+                 else f'additional_config vllm_fusion.{flag}=false')
+        return off(f"turned off explicitly ({where})")
     gate = _gate(cap, setup)
     if explicit is True:
         if gate is not None:

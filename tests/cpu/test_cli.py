@@ -10,17 +10,42 @@ from vllm_fusion.cli import main
 def test_doctor_json_names_versions_kernels_and_fusions(capsys, kernels):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["vllm"] == "0.26.0" and report["vllm_supported"] == ["0.26.0"]
+    assert report["vllm_supported"] == ["0.26.0", "0.33.0"]
+    assert report["vllm"] in report["vllm_supported"]
     assert report["kernels"]["loaded"] is True
     assert report["fusions"]["fuse_norm_quant"] == "vllm_fusion pass"
     assert report["fusions"]["fuse_allreduce_rms"] == "vLLM's pass (not yet replaced)"
     assert len(report["fusions"]) == 9
 
 
+def test_doctor_says_what_the_installed_vllm_supports(capsys, kernels):
+    from vllm_fusion import compat
+
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    api = report["vllm_api"]
+    assert api["release"] == compat.release().version == report["vllm"]
+    assert api["owned"] == ["fuse_act_padding", "fuse_norm_quant", "fuse_act_quant"]
+    assert {"fuse_norm_quant", "fuse_act_quant", "fuse_allreduce_rms"} <= set(
+        api["pass_config_fusion_flags"])
+    if compat.release() is compat.VLLM_0_26:
+        assert {"enable_sp", "fuse_gemm_comms"} <= set(api["pass_config_fusion_flags"])
+        assert api["additional_config_settings"] == [] and api["unavailable"] == []
+        assert "enable_sp" in api["delegated"] and api["norm_canonicalization"] == []
+    else:
+        assert not {"enable_sp", "fuse_gemm_comms"} & set(api["pass_config_fusion_flags"])
+        assert api["additional_config_settings"] == [
+            "enable_sp", "fuse_gemm_comms", "sp_min_token_num"]
+        assert api["unavailable"] == ["enable_sp", "fuse_gemm_comms"]
+        assert report["fusions"]["enable_sp"] == "none (vLLM 0.33.0 has no pass)"
+        assert api["norm_canonicalization"] == ["AddRMSNormFusionPass", "RMSNormReshapeFusionPass"]
+
+
 def test_doctor_table(capsys, kernels):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "vllm_fusion 0.1.0" in out and "kernels loaded" in out and "fuse_act_quant" in out
+    assert "API as the package uses it" in out and "from additional_config" in out
 
 
 def test_doctor_reports_probes_and_levels(capsys, kernels):

@@ -22,6 +22,8 @@ PROBE = textwrap.dedent(
     from tests.cpu.fake_platform import install_fake_cuda_platform, load_libcuda
     load_libcuda()
     install_fake_cuda_platform()
+    from vllm_fusion import compat
+    compat.configure_vllm_logging()  # as vLLM's entry points do before loading plugins
     import vllm.plugins
     vllm.plugins.load_general_plugins()
     vllm.plugins.load_general_plugins()
@@ -129,4 +131,4 @@ def test_mismatched_vllm_version_warns_with_supported_range(monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="vllm"):
         plugin._check_vllm_version()
     messages = [r.getMessage() for r in caplog.records]
-    assert any("supports vLLM 0.26.0; found 0.99.0" in m for m in messages), messages
+    assert any("supports vLLM 0.26.0 / 0.33.0; found 0.99.0" in m for m in messages), messages

@@ -15,7 +15,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-from vllm_fusion import _kernels
+from vllm_fusion import _kernels, compat
 from vllm_fusion.config import FusionConfigError, FusionSettings, autoconfig, resolve
 from vllm_fusion.logger import init_logger
 from vllm_fusion.passes.registry import FUSIONS, Fusion
@@ -31,9 +31,12 @@ _RANK = {name: rank for rank, f in enumerate(FUSIONS) for name in f.vllm_passes}
 _FLAG_RANK = {f.flag: rank for rank, f in enumerate(FUSIONS)}
 
 
-def _rank_of(p) -> int:
+def _rank_of(p) -> float:
     """Position in vLLM's order of the fusion a pass (vLLM's or the package's) serves."""
-    rank = _RANK.get(type(p).__name__)
+    name = type(p).__name__
+    rank = _RANK.get(name)
+    if (precedes := compat.canonicalization_precedes(name)) is not None:
+        return _FLAG_RANK[precedes] - 0.5  # vLLM 0.33 norm canonicalization: just before
     if rank is None:  # the package's passes carry their flag
         rank = _FLAG_RANK.get(getattr(p, "flag", None), len(FUSIONS))
     return rank
@@ -130,8 +133,12 @@ def configure_with_package_passes(original, manager, config) -> None:
     # vLLM builds no pass for a fusion the package replaces or the matrix rules out.
     vetoed = [flag for flag, on in settings.fusions.items()
               if getattr(pass_config, flag, False) and not on]
+    canonicalize = compat.norm_canonicalization_wanted(config)
     with flags_turned_off(pass_config, [fusion.flag for fusion in ours] + vetoed):
         original(manager, config)
+    # vLLM 0.33 keys its norm canonicalization on flags turned off just above.
+    manager.passes = compat.restore_norm_canonicalization(
+        manager.passes, config, canonicalize, _rank_of)
     for fusion, new_pass in ours.items():
         manager.passes = place_pass(manager.passes, fusion, new_pass)
     logger.debug(
