@@ -213,6 +213,12 @@ def _log_delegation(flag: str, reason: str) -> None:
         )
 
 
+def warn_decision(decision) -> None:
+    """The one warning of an explicit True the setup cannot run (once per process)."""
+    if decision.warning:
+        logger.warning_once("vllm_fusion: %s", decision.warning)
+
+
 def resolve(vllm_config) -> FusionSettings:
     """Settings for ``vllm_config`` on this process's platform.
 
@@ -238,8 +244,7 @@ def resolve(vllm_config) -> FusionSettings:
         capability = matrix.get(flag)
         if capability is not None and capability.implementation == "vllm_fusion":
             decision = resolve_fusion(flag, setup)
-            if decision.warning:
-                logger.warning_once("vllm_fusion: %s", decision.warning)
+            warn_decision(decision)
             on = decision.enabled
             if on and decision.implementation == "vllm":
                 delegated.append(flag)

@@ -27,15 +27,23 @@ def rope_kernel_op_exists() -> bool:
     return True
 
 
-def ensure_rope_kernel_op() -> None:
-    """Define the op (schema + fake only) unless the kernel library already has it."""
-    global _lib
-    import vllm_fusion.ops  # noqa: F401  (loads the kernel library when built)
+def rope_kernel_fake_exists() -> bool:
+    from torch._library.simple_registry import singleton
 
-    if rope_kernel_op_exists():
+    return singleton.find("vllm_fusion::qk_norm_rope_kv_cache").fake_impl.kernel is not None
+
+
+def ensure_rope_kernel_op() -> None:
+    """Define the op (schema) unless the kernel library has it, and its fake unless
+    vllm_fusion.ops registered one."""
+    global _lib
+    import vllm_fusion.ops  # noqa: F401  (loads the kernel library and its fakes when built)
+
+    if rope_kernel_op_exists() and rope_kernel_fake_exists():
         return
     _lib = torch.library.Library("vllm_fusion", "FRAGMENT")
-    _lib.define(SCHEMA)
+    if not rope_kernel_op_exists():
+        _lib.define(SCHEMA)
 
     @torch.library.register_fake("vllm_fusion::qk_norm_rope_kv_cache", lib=_lib)
     def _fake(query, key, value, positions, cos_sin_cache, is_neox, q_weight, k_weight,

@@ -16,6 +16,7 @@ from tests.cpu.test_rope_kvcache_fusion import (
     NORM,
     ROPE_PASS,
     ROTARY,
+    RSQRT,
     compile_attention,
     hooked,  # noqa: F401  (autouse fixture)
 )
@@ -41,7 +42,7 @@ def test_every_qwen3_layer_is_fused(eps, is_neox, geometry, rotary_dim):
     assert result.count(NORM, after=False) == 4 and result.count(ROTARY, after=False) == 2
     assert result.matches[QK_PASS] == 2
     assert result.count(QK_FUSED) == 2
-    assert result.count(NORM) == 0 and result.count(ROTARY) == 0
+    assert result.count(RSQRT) == 0 and result.count(ROTARY) == 0
     # The cache update is not part of this fusion.
     assert result.count(KV_UPDATE) == 2 and result.count(ATTENTION) == 2
     for call in qk_calls(result):
@@ -57,7 +58,7 @@ def test_llama_without_norms_is_left_alone():
 
 def test_other_epsilon_is_left_alone():
     result = compile_attention(pass_config=ONLY_QK, qk_norm_eps=1e-4)
-    assert result.matches[QK_PASS] == 0 and result.count(NORM) == 4
+    assert result.matches[QK_PASS] == 0 and result.count(RSQRT) == 4
 
 
 def test_with_the_cache_fusion_the_three_fuse_together():
@@ -67,7 +68,7 @@ def test_with_the_cache_fusion_the_three_fuse_together():
     assert result.passes.index(ROPE_PASS) < result.passes.index(QK_PASS)
     assert result.matches[ROPE_PASS] == 2 and result.matches[QK_PASS] == 0
     assert result.count(FUSED) == 2 and result.count(QK_FUSED) == 0
-    assert result.count(NORM) == 0 and result.count(KV_UPDATE) == 0
+    assert result.count(RSQRT) == 0 and result.count(KV_UPDATE) == 0
 
 
 def test_flag_gets_the_rotary_custom_op_and_leaves_the_splitting_to_vllm():

@@ -16,7 +16,13 @@ import importlib.machinery
 import sys
 
 from vllm_fusion import _kernels, compat
-from vllm_fusion.config import FusionConfigError, FusionSettings, autoconfig, resolve
+from vllm_fusion.config import (
+    FusionConfigError,
+    FusionSettings,
+    autoconfig,
+    resolve,
+    warn_decision,
+)
 from vllm_fusion.logger import init_logger
 from vllm_fusion.passes.registry import FUSIONS, Fusion
 from vllm_fusion.version import __version__
@@ -317,8 +323,7 @@ def arrange_rope_fusions(original, compilation, vllm_config, *args, **kwargs) ->
         if decisions[flag].enabled:
             _ensure_rotary_custom_op(compilation)
     rope = decisions["fuse_rope_kvcache"]
-    if rope.warning:
-        logger.warning_once("vllm_fusion: %s", rope.warning)
+    warn_decision(rope)
     if not _keeps_kv_update_in_graph(compilation, rope):
         original(compilation, *args, **kwargs)
         return

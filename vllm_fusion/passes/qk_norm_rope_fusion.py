@@ -17,21 +17,20 @@ kernel takes (even, <= 512), not only vLLM's 64/128/256.
 from __future__ import annotations
 
 import torch
-from vllm.compilation.passes.inductor_pass import enable_fake_mode
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
 from vllm_fusion.ops.rope_cache_update import MAX_HEAD_SIZE, SUPPORTED_DTYPES
-from vllm_fusion.passes.base import FusionPass, FusionPattern
+from vllm_fusion.passes.base import FusionPass
 from vllm_fusion.passes.quant_schemes import EPSILONS
 from vllm_fusion.passes.rope_kvcache_fusion import (
     Geometry,
     RopePattern,
     attention_layers,
     geometries,
-    register_exact,
+    rope_sources,
     run_utility_passes,
     utility_passes,
 )
@@ -97,11 +96,11 @@ class QKNormRoPEFusionPass(FusionPass):
                                                         self.model_dtype, use_flashinfer))
         self.dump_patterns(config, self.pm_pass)
 
-    @enable_fake_mode
-    def register(self, pr: FusionPattern) -> None:
-        register_exact(self, pr)
-
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self._pattern_replacements:
             run_utility_passes(self, graph)
         super().__call__(graph)
+
+    def _pattern_types(self) -> list:
+        # For the uuid: the shared pattern code, beyond the concrete classes.
+        return [*super()._pattern_types(), rope_sources()]

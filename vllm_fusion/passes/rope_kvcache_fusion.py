@@ -26,15 +26,16 @@ delegates the fusion back to it, as the matrix says.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 from typing import NamedTuple
 
 import torch
 import torch._inductor.pattern_matcher as pm
 import vllm.ir.ops
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
-from vllm.compilation.passes.fusion.matcher_utils import ROTARY_OP, MatcherRotaryEmbedding
-from vllm.compilation.passes.inductor_pass import enable_fake_mode
+from vllm.compilation.passes.fusion.matcher_utils import MatcherRotaryEmbedding
 from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.utils.torch_utils import _USE_LAYERNAME, LayerName, _encode_layer_name
 
@@ -48,7 +49,6 @@ from vllm_fusion.passes.quant_schemes import EPSILONS, fake_value, last_dim_cont
 logger = init_logger(__name__)
 
 SPLIT_OP = torch.ops.aten.split_with_sizes.default
-KV_CACHE_UPDATE_OP = torch.ops.vllm.unified_kv_cache_update.default
 # Pattern example sizes (any token count matches).
 _TOKENS, _MAX_POSITIONS = 5, 4096
 _EXAMPLE_LAYER = "model.layers.0.self_attn.attn"
@@ -113,20 +113,6 @@ def layer_name_of(match: pm.Match) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def register_exact(fusion_pass: FusionPass, pr: FusionPattern) -> None:
-    """Register ``pr`` with ints (sizes, symbolic shapes) as wildcards but floats (eps) and
-    bools (is_neox) exact: the default search pattern ignores floats, which would let one
-    epsilon's pattern take the other's sites. ``pr.extra_check`` checks the sizes."""
-    pattern, inputs = pr.pattern, pr.get_inputs()
-    search_gm = fusion_pass._trace_fn(pattern, inputs)
-    search = pm.fx_to_pattern(search_gm, ignore_types=(int, torch.SymInt),
-                              argnames=list(inspect.signature(pattern).parameters))
-    pm.register_replacement(pattern, pr.replacement, inputs, fusion_pass._trace_fn,
-                            fusion_pass.pm_pass, extra_check=pr.extra_check,
-                            search_fn_pattern=search)
-    fusion_pass._pattern_replacements.append(pr)
-
-
 class RopePattern(FusionPattern):
     """What both RoPE fusions share: the geometry, the rotary matcher, the checks."""
 
@@ -161,7 +147,11 @@ class RopePattern(FusionPattern):
         return inputs
 
     def split(self, qkv: torch.Tensor):
-        return qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
+        try:
+            return qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
+        except ValueError as e:
+            # Another geometry's site: the matcher takes a RuntimeError as "no match".
+            raise RuntimeError(str(e)) from e
 
     def norm_and_rope(self, q, k, positions, cos_sin_cache, q_weight=None, k_weight=None):
         """vLLM's graph: (Qwen3Attention's per-head RMSNorm of q and k, then) the rotary."""
@@ -311,14 +301,20 @@ class RopeKVCacheFusionPass(FusionPass):
                     self.register(RopeKVCachePattern(geometry, is_neox, epsilon, dtype, config))
         self.dump_patterns(config, self.pm_pass)
 
-    @enable_fake_mode
-    def register(self, pr: FusionPattern) -> None:
-        register_exact(self, pr)
-
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self._pattern_replacements:
             run_utility_passes(self, graph)
         super().__call__(graph)
+
+    def _pattern_types(self) -> list:
+        # For the uuid: the shared pattern code and the op, beyond the concrete classes.
+        return [*super()._pattern_types(), rope_sources()]
+
+
+@functools.cache
+def rope_sources() -> str:
+    """This module and the op the replacements call: the pattern classes' shared code."""
+    return inspect.getsource(sys.modules[__name__]) + inspect.getsource(rope_cache_update)
 
 
 def utility_passes(config: VllmConfig):
@@ -336,6 +332,3 @@ def run_utility_passes(fusion_pass, graph: torch.fx.Graph) -> None:
     except Exception as e:  # leave the graph to the pattern matcher as it is
         logger.warning_once("vllm_fusion: %s: vLLM's split clean-up passes failed (%s: %s)",
                             fusion_pass.flag, type(e).__name__, e)
-
-
-__all__ = ["ROTARY_OP", "Geometry", "RopeKVCacheFusionPass", "RopeKVCachePattern"]
