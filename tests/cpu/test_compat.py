@@ -199,8 +199,9 @@ def test_package_norm_quant_keeps_vllms_canonicalization_for_transformers_models
 
     with set_current_vllm_config(config):
         names = [pass_key(p) for p in configured_pass_manager(config).passes]
-    assert names == ["vllm:NoOpEliminationPass", "vllm:AddRMSNormFusionPass",
-                     "vllm:RMSNormReshapeFusionPass", "vllm_fusion:RMSNormQuantFusionPass"]
+    # Later passes (e.g. fuse_act_quant, on by the package's level defaults) may follow.
+    assert names[:4] == ["vllm:NoOpEliminationPass", "vllm:AddRMSNormFusionPass",
+                         "vllm:RMSNormReshapeFusionPass", "vllm_fusion:RMSNormQuantFusionPass"]
 
 
 def _graph_with_auto_func():
