@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sustained-load test: `vllm serve` with the package's fusions on, against an unfused server.
 
-    python benchmarks/reliability/sustained_load.py --model $DEVPACK_MODELS/llama3-8b \\
+    python benchmarks/reliability/sustained_load.py --model $DEVPACK_MODELS/qwen3-8b \\
         --duration 120 --concurrency 64 --out /tmp/load
 
 Two servers start on the same dummy weights (``--load-format dummy`` seeds them alike):
