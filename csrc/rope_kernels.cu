@@ -676,19 +676,26 @@ void launch_token(RopeArgs a, bool neox, int num_sms, gpuStream_t stream) {
   a.groups = groups_for(ni);
   const dim3 grid(static_cast<unsigned>(tokens * a.groups));
   static_assert(kMaxItemsPerThread == 3, "one case per heads-per-thread count");
+  // No `return` before a launch: hipify turns the launch into a macro call.
   switch (ni * 2 + (neox ? 1 : 0)) {
     case 2:
-      return rope_token_kernel<T, CS, false, 1><<<grid, kThreads, 0, stream>>>(a);
+      rope_token_kernel<T, CS, false, 1><<<grid, kThreads, 0, stream>>>(a);
+      break;
     case 3:
-      return rope_token_kernel<T, CS, true, 1><<<grid, kThreads, 0, stream>>>(a);
+      rope_token_kernel<T, CS, true, 1><<<grid, kThreads, 0, stream>>>(a);
+      break;
     case 4:
-      return rope_token_kernel<T, CS, false, 2><<<grid, kThreads, 0, stream>>>(a);
+      rope_token_kernel<T, CS, false, 2><<<grid, kThreads, 0, stream>>>(a);
+      break;
     case 5:
-      return rope_token_kernel<T, CS, true, 2><<<grid, kThreads, 0, stream>>>(a);
+      rope_token_kernel<T, CS, true, 2><<<grid, kThreads, 0, stream>>>(a);
+      break;
     case 6:
-      return rope_token_kernel<T, CS, false, 3><<<grid, kThreads, 0, stream>>>(a);
+      rope_token_kernel<T, CS, false, 3><<<grid, kThreads, 0, stream>>>(a);
+      break;
     default:
-      return rope_token_kernel<T, CS, true, 3><<<grid, kThreads, 0, stream>>>(a);
+      rope_token_kernel<T, CS, true, 3><<<grid, kThreads, 0, stream>>>(a);
+      break;
   }
 }
 
