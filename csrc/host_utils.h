@@ -78,6 +78,22 @@ inline const char* dtype_name(ScalarType t) {
       return "int64";
     case ScalarType::Int:
       return "int32";
+    case ScalarType::Double:
+      return "float64";
+    case ScalarType::Short:
+      return "int16";
+    case ScalarType::Char:
+      return "int8";
+    case ScalarType::Bool:
+      return "bool";
+    case ScalarType::ComplexFloat:
+      return "complex64";
+    case ScalarType::ComplexDouble:
+      return "complex128";
+    case ScalarType::Float8_e5m2:
+      return "float8_e5m2";
+    case ScalarType::Float8_e5m2fnuz:
+      return "float8_e5m2fnuz";
     default:
       return torch::headeronly::toString(t);
   }

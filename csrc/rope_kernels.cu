@@ -13,15 +13,21 @@
 //     a' = a * cos - b * sin,   b' = b * cos + a * sin;   dims >= rot pass through
 //   out = T(result); the cache gets k_out (and v) as is, or fp8(clamp(x / scale)).
 //
-// Work split: one warp per (token, head) unit over Hq q-heads, Hkv k-heads and, when a cache is
-// given, Hkv v-heads (copied / quantized into the cache only), 256 threads per block, so that
-// decode (one token: 48 units for 32/8 heads) and long prefills both spread over the GPU. In
-// the vector kernel each lane holds V contiguous elements of the head (one aligned access of
-// 2V bytes); the NeoX partner of an element sits V * (rot/2) / V lanes away: a warp shuffle
-// when that lane distance is a power of two (rot = D = 64, 128, 256, 512), else the head is
-// exchanged through shared memory (D = 80, 96, partial rotary). GPT-J pairs are adjacent
-// elements of one lane. Heads of other sizes or unaligned views take the generic kernel (the
-// head staged in shared memory, one element per lane and step).
+// Work split. Fast path (token kernel): heads of D = 8 * 2^k <= 256 elements with 16-byte
+// aligned heads and a rotary dim whose lane slices are wholly rotated or not (every Llama /
+// Qwen geometry). Work is token-major: a block owns a range of one token's "items" (its Hq q
+// heads, Hkv k heads and, when a cache is written, Hkv v heads); D / 8 lanes hold a head, 8
+// contiguous elements (one 16-byte access) each, and a thread handles up to 3 items, all head
+// loads issued before any math. The token's position, cache slot, fp8 scales, norm weights and
+// the lane's cos / sin run (contiguous in the row: NeoX columns i mod rot/2, GPT-J i / 2) are
+// loaded once per thread and serve all its heads; the position / slot loads go first so that
+// the dependent cos / sin load overlaps the head loads. NeoX partners are (rot/2) / 8 lanes
+// away (a power of two: xor shuffle). Long prefills: one block per token (48 heads at D = 128);
+// few tokens: a token's items split over several blocks so that decode still spreads over SMs.
+// Other geometries: one warp per (token, head) unit (vector kernel: V contiguous elements per
+// lane, the NeoX partner by shuffle when (rot/2) / V is a power of two, else through shared
+// memory, as for D = 80, 96, 192 or partial rotary); heads of other sizes or unaligned views
+// take the generic kernel (the head staged in shared memory, one element per lane and step).
 #include "common.cuh"
 #include "host_utils.h"
 #include "ops.h"
@@ -77,7 +83,10 @@ struct RopeArgs {
   int64_t units;  // T * units_per_token
   int units_per_token;
   int hq, hkv, d, dv, rot, half;
-  int half_lanes;  // vector kernel, NeoX by shuffle: (rot / 2) / V
+  int half_lanes;  // vector / token kernels, NeoX by shuffle: (rot / 2) / V
+  int lh_log2;          // token kernel: log2 of the lanes per head (D / 8)
+  int items_per_block;  // token kernel: heads of one token per block
+  int groups;           // token kernel: blocks per token
 };
 
 // ---------------------------------------------------------------- small device helpers
@@ -331,6 +340,196 @@ __global__ void __launch_bounds__(kThreads) rope_vec_kernel(const RopeArgs a) {
   }
 }
 
+// ---------------------------------------------------------------- token-major kernel
+
+// Elements per lane of the token-major kernel: one 16-byte access of a 16-bit type.
+constexpr int kTokVec = 8;
+// Largest number of heads one thread handles (all their loads issued before any math).
+constexpr int kMaxItemsPerThread = 3;
+// Resident blocks per SM the register budget is fitted to (at most 80 registers a thread at 256
+// threads; 64 makes the NeoX variants spill): 768 threads with up to three 16-byte head loads
+// each in flight per SM keep HBM busy.
+constexpr int kTokenBlocksPerSm = 3;
+
+template <typename CS>
+__device__ __forceinline__ float cs_float(CS v) {
+  return to_float(v);
+}
+template <>
+__device__ __forceinline__ float cs_float<float>(float v) {
+  return v;
+}
+
+// V values as fp8 of value / scale, one 8-byte store.
+template <int V>
+__device__ __forceinline__ void store_fp8_pack(uint8_t* dst, const float (&y)[V], float scale,
+                                               const RopeArgs& a) {
+  Pack<uint8_t, V> p;
+#pragma unroll
+  for (int e = 0; e < V; e += 2) {
+    const uint16_t two =
+        float2_to_fp8x2(fp8_value(y[e], scale, a), fp8_value(y[e + 1], scale, a), a.fnuz);
+    p.h[e] = static_cast<uint8_t>(two & 0xff);
+    p.h[e + 1] = static_cast<uint8_t>(two >> 8);
+  }
+  store_pack<uint8_t, V>(dst, p);
+}
+
+// A block owns `items_per_block` consecutive heads ("items": the Hq q heads, then the Hkv k
+// heads, then, when a cache is written, the Hkv v heads) of one token. LH = D / 8 lanes (a
+// power of two <= 32) hold one head, 8 contiguous elements each; the block's S = blockDim / LH
+// head slots take items slot, slot + S, ... (at most NI per thread). The token's position,
+// cache slot, scales, norm weights and this lane's cos / sin values are loaded once and serve
+// every head of the thread; all head loads are issued before any math. NeoX partners are
+// (rot / 2) / 8 lanes away (a power of two: xor shuffle inside the head's lanes); GPT-J pairs
+// are adjacent elements of a lane. rot is a multiple of 8 (GPT-J) / 16 (NeoX), so a lane's
+// slice is either wholly rotated or wholly passed through.
+template <typename T, typename CS, bool NEOX, int NI>
+__global__ void __launch_bounds__(kThreads, kTokenBlocksPerSm) rope_token_kernel(const RopeArgs a) {
+  constexpr int V = kTokVec;
+  const int li = threadIdx.x & ((1 << a.lh_log2) - 1);
+  const int slot_in_block = threadIdx.x >> a.lh_log2;
+  const int S = blockDim.x >> a.lh_log2;
+  const int64_t t = blockIdx.x / static_cast<unsigned>(a.groups);
+  const int first = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.groups)) *
+                    a.items_per_block;
+  const int count = min(a.items_per_block, a.units_per_token - first);  // items of this block
+  const int e0 = li * V;
+  const bool norm = a.q_weight != nullptr;
+
+  // Per-token loads first, so that the dependent cos / sin load overlaps the head loads.
+  const int64_t pos = load_position(a, t);
+  int64_t slot = -1;
+  if (a.cache_kind != kNoCache && t < a.nslots) slot = a.slots[t * a.slot_stride];
+
+  Pack<T, V> xin[NI];
+#pragma unroll
+  for (int k = 0; k < NI; ++k) {
+    if (k * S >= count) break;  // block-uniform
+    const int local = slot_in_block + k * S;
+    const int item = first + local;
+    xin[k].raw = {};
+    if (local < count) {
+      const T* src;
+      if (item < a.hq)
+        src = static_cast<const T*>(a.q) + t * a.q_tstride + item * a.q_hstride;
+      else if (item < a.hq + a.hkv)
+        src = static_cast<const T*>(a.k) + t * a.k_tstride + (item - a.hq) * a.k_hstride;
+      else
+        src = static_cast<const T*>(a.v) + t * a.v_tstride + (item - a.hq - a.hkv) * a.v_hstride;
+      xin[k] = load_pack<T, V>(src + e0);
+    }
+  }
+  Pack<T, V> wq, wk;
+  if (norm) {
+    wq = load_pack<T, V>(static_cast<const T*>(a.q_weight) + e0);
+    wk = load_pack<T, V>(static_cast<const T*>(a.k_weight) + e0);
+  }
+  float ks = 1.f, vs = 1.f;
+  if (a.cache_kind == kFp8Cache) {
+    ks = __ldg(a.k_scale);
+    vs = __ldg(a.v_scale);
+  }
+  // This lane's cos / sin: NeoX element i < rot uses column i mod (rot / 2), V contiguous
+  // columns; GPT-J element i uses column i / 2, V / 2 contiguous columns.
+  const bool rotated = e0 < a.rot;
+  // Kept packed in the cache dtype (fewer registers), converted where used.
+  constexpr int NC = NEOX ? V : V / 2;
+  Pack<CS, NC> cp, sp;
+  cp.raw = {};
+  sp.raw = {};
+  if (rotated) {
+    const CS* row = static_cast<const CS*>(a.cos_sin) + pos * a.rot;
+    const int j0 = NEOX ? (e0 < a.half ? e0 : e0 - a.half) : e0 / 2;
+    cp = load_pack<CS, NC>(row + j0);
+    sp = load_pack<CS, NC>(row + a.half + j0);
+  }
+  int64_t kc_base = 0, vc_base = 0;
+  if (slot >= 0) {
+    const int64_t blk = slot / a.block_size, in_blk = slot - blk * a.block_size;
+    kc_base = blk * a.kc_s0 + in_blk * a.kc_s1 + e0;
+    vc_base = blk * a.vc_s0 + in_blk * a.vc_s1 + e0;
+  }
+
+#pragma unroll
+  for (int k = 0; k < NI; ++k) {
+    if (k * S >= count) break;  // block-uniform: every lane below runs the shuffles
+    const int local = slot_in_block + k * S;
+    const bool valid = local < count;
+    const int item = first + local;
+    const int kind = item < a.hq ? 0 : (item < a.hq + a.hkv ? 1 : 2);  // q, k, v head
+    const int head = kind == 0 ? item : (kind == 1 ? item - a.hq : item - a.hq - a.hkv);
+    float x[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = to_float(xin[k].h[e]);
+    if (norm) {
+      float ss = 0.f;
+#pragma unroll
+      for (int e = 0; e < V; ++e) ss += x[e] * x[e];
+      ss = subwarp_reduce(ss, 1 << a.lh_log2, SumOp{});
+      // torch: x * rsqrt(mean(x^2) + eps), mean = sum * (1/D); no FMA between the two.
+      const float rinv = rsqrtf(__fadd_rn(__fmul_rn(ss, a.inv_d), a.eps));
+      if (kind < 2) {
+        Pack<T, V> w;
+        w.raw = kind == 0 ? wq.raw : wk.raw;
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          x[e] = round_to<T>(round_to<T>(x[e] * rinv) * to_float(w.h[e]));
+      }
+    }
+    float y[V];
+    if constexpr (NEOX) {
+      float p[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) p[e] = shfl_xor(x[e], a.half_lanes, VF_WARP_SIZE);
+      // Lower half: x*c - p*s (rot_first), upper half: x*c + p*s (rot_second), as x*c + (-p)*s
+      // in the lower half, which rounds exactly alike (negation is exact).
+      const float sign = e0 < a.half ? -1.f : 1.f;
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        y[e] = (kind == 2 || !rotated)
+                   ? x[e]
+                   : __fadd_rn(__fmul_rn(x[e], cs_float(cp.h[e])),
+                               __fmul_rn(__fmul_rn(p[e], sign), cs_float(sp.h[e])));
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; e += 2) {
+        const bool r = kind != 2 && rotated;
+        const float c = cs_float(cp.h[e / 2]), s = cs_float(sp.h[e / 2]);
+        y[e] = r ? rot_first(x[e], x[e + 1], c, s) : x[e];
+        y[e + 1] = r ? rot_second(x[e], x[e + 1], c, s) : x[e + 1];
+      }
+    }
+    if (valid) {
+      Pack<T, V> out;
+      if (kind == 2) {
+        out = xin[k];  // v goes to the cache unchanged
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) out.h[e] = from_float<T>(y[e]);
+      }
+      if (kind == 0) {
+        store_pack<T, V>(static_cast<T*>(a.q_out) + (t * a.hq + head) * a.d + e0, out);
+      } else {
+        if (kind == 1)
+          store_pack<T, V>(static_cast<T*>(a.k_out) + (t * a.hkv + head) * a.d + e0, out);
+        if (slot >= 0) {
+          const int64_t off = kind == 1 ? kc_base + head * a.kc_s2 : vc_base + head * a.vc_s2;
+          void* cache = kind == 1 ? a.k_cache : a.v_cache;
+          if (a.cache_kind == kFp8Cache) {
+            float q[V];  // the cache gets k_out's (v's) values
+#pragma unroll
+            for (int e = 0; e < V; ++e) q[e] = to_float(out.h[e]);
+            store_fp8_pack<V>(static_cast<uint8_t*>(cache) + off, q, kind == 1 ? ks : vs, a);
+          } else {
+            store_pack<T, V>(static_cast<T*>(cache) + off, out);
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- generic kernel
 
 template <typename T>
@@ -456,6 +655,59 @@ void launch_typed(const RopeArgs& a, bool neox, int vec, int warp_size, gpuStrea
       else
         rope_generic_kernel<T, false><<<grid, kThreads, smem, stream>>>(a);
     }
+  }
+}
+
+// Token-major kernel: NI (max heads per thread) and blocks per token. Large T: NI = 3 (one block
+// covers up to 3 * S heads of a token: all 48 of a 32 / 8-head token at D = 128); fewer tokens:
+// fewer heads per block, so that the grid still has about four blocks per SM (decode: a token's
+// heads spread over several SMs).
+template <typename T, typename CS>
+void launch_token(RopeArgs a, bool neox, int num_sms, gpuStream_t stream) {
+  const int slots_per_block = kThreads >> a.lh_log2;
+  const int64_t want_blocks = 4LL * num_sms;
+  const int64_t tokens = a.units / a.units_per_token;
+  auto groups_for = [&](int n) {
+    return (a.units_per_token + n * slots_per_block - 1) / (n * slots_per_block);
+  };
+  int ni = kMaxItemsPerThread;
+  while (ni > 1 && tokens * groups_for(ni) < want_blocks) --ni;
+  a.items_per_block = ni * slots_per_block;
+  a.groups = groups_for(ni);
+  const dim3 grid(static_cast<unsigned>(tokens * a.groups));
+  static_assert(kMaxItemsPerThread == 3, "one case per heads-per-thread count");
+  // No `return` before a launch: hipify turns the launch into a macro call.
+  switch (ni * 2 + (neox ? 1 : 0)) {
+    case 2:
+      rope_token_kernel<T, CS, false, 1><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case 3:
+      rope_token_kernel<T, CS, true, 1><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case 4:
+      rope_token_kernel<T, CS, false, 2><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case 5:
+      rope_token_kernel<T, CS, true, 2><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case 6:
+      rope_token_kernel<T, CS, false, 3><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    default:
+      rope_token_kernel<T, CS, true, 3><<<grid, kThreads, 0, stream>>>(a);
+      break;
+  }
+}
+
+template <typename T>
+void launch_token_typed(const RopeArgs& a, bool neox, int num_sms, gpuStream_t stream) {
+  switch (a.cs_kind) {
+    case kCosSinBf16:
+      return launch_token<T, bf16_t>(a, neox, num_sms, stream);
+    case kCosSinF16:
+      return launch_token<T, half_t>(a, neox, num_sms, stream);
+    default:
+      return launch_token<T, float>(a, neox, num_sms, stream);
   }
 }
 
@@ -604,6 +856,44 @@ Checked check_inputs(const Tensor& query, const Tensor& key, const Tensor& value
   return r;
 }
 
+// Every head (and cache row) starts on a V-element boundary, so that V elements move as one
+// aligned access.
+bool vector_access_ok(const RopeArgs& a, int vec, bool writes_cache, bool fp8) {
+  const size_t eb = static_cast<size_t>(vec) * 2;  // bytes of V 16-bit elements
+  const size_t cb = static_cast<size_t>(vec) * (fp8 ? 1 : 2);
+  bool ok = multiple_of(a.q_tstride, vec) && multiple_of(a.q_hstride, vec) &&
+            multiple_of(a.k_tstride, vec) && multiple_of(a.k_hstride, vec) &&
+            aligned_to(a.q, eb) && aligned_to(a.k, eb) && aligned_to(a.q_out, eb) &&
+            aligned_to(a.k_out, eb);
+  if (a.q_weight != nullptr)
+    ok = ok && aligned_to(a.q_weight, eb) && aligned_to(a.k_weight, eb);
+  if (writes_cache) {
+    ok = ok && multiple_of(a.v_tstride, vec) && multiple_of(a.v_hstride, vec) &&
+         aligned_to(a.v, eb) && aligned_to(a.k_cache, cb) && aligned_to(a.v_cache, cb) &&
+         multiple_of(a.kc_s0, vec) && multiple_of(a.kc_s1, vec) && multiple_of(a.kc_s2, vec) &&
+         multiple_of(a.vc_s0, vec) && multiple_of(a.vc_s1, vec) && multiple_of(a.vc_s2, vec);
+  }
+  return ok;
+}
+
+// The token-major kernel takes heads of D = 8 * 2^k <= 256 elements (a power-of-two number of
+// lanes, <= 32, per head), v heads of the same size, 16-byte aligned heads, and a rotary
+// dimension whose lane slices are wholly rotated or not: rot a multiple of 8 (GPT-J), or rot / 2
+// a multiple of 8 with a power-of-two lane distance (rot / 2) / 8 to the NeoX partner.
+bool token_kernel_fits(const RopeArgs& a, bool neox, bool writes_cache, bool fp8) {
+  const size_t cos_sin_bytes = a.cs_kind == kCosSinF32 ? 4 : 2;
+  const int lanes = a.d / kTokVec;
+  if (a.d % kTokVec != 0 || !is_pow2(lanes) || lanes > 32) return false;
+  if (writes_cache && a.dv != a.d) return false;
+  if (neox ? (a.half % kTokVec != 0 || !is_pow2(a.half / kTokVec)) : a.rot % kTokVec != 0)
+    return false;
+  // cos / sin runs of 8 (NeoX) or 4 (GPT-J) values start on their own size's boundary
+  // (rows of rot values, rot a multiple of 8); the base must be aligned alike.
+  const size_t run_bytes = (neox ? kTokVec : kTokVec / 2) * cos_sin_bytes;
+  if (!aligned_to(a.cos_sin, run_bytes < 16 ? run_bytes : 16)) return false;
+  return vector_access_ok(a, kTokVec, writes_cache, fp8);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> qk_norm_rope_kv_cache(
@@ -685,26 +975,22 @@ std::tuple<Tensor, Tensor> qk_norm_rope_kv_cache(
   a.rot = static_cast<int>(c.rot);
   a.half = a.rot / 2;
 
-  // The vector kernel needs every head (and cache row) to start on a V-element boundary.
-  const int warp_size = device_info(device).warp_size;
-  int vec = pick_vec(a.d, a.dv, warp_size);
-  if (vec) {
-    const size_t eb = static_cast<size_t>(vec) * 2;  // bytes of V 16-bit elements
-    const size_t cb = static_cast<size_t>(vec) * (c.fp8 ? 1 : 2);
-    bool ok = multiple_of(a.q_tstride, vec) && multiple_of(a.q_hstride, vec) &&
-              multiple_of(a.k_tstride, vec) && multiple_of(a.k_hstride, vec) &&
-              aligned_to(a.q, eb) && aligned_to(a.k, eb) && aligned_to(a.q_out, eb) &&
-              aligned_to(a.k_out, eb);
-    if (c.norm) ok = ok && aligned_to(a.q_weight, eb) && aligned_to(a.k_weight, eb);
-    if (writes_cache) {
-      ok = ok && multiple_of(a.v_tstride, vec) && multiple_of(a.v_hstride, vec) &&
-           aligned_to(a.v, eb) && aligned_to(a.k_cache, cb) && aligned_to(a.v_cache, cb) &&
-           multiple_of(a.kc_s0, vec) && multiple_of(a.kc_s1, vec) && multiple_of(a.kc_s2, vec) &&
-           multiple_of(a.vc_s0, vec) && multiple_of(a.vc_s1, vec) && multiple_of(a.vc_s2, vec);
-    }
-    if (!ok) vec = 0;
-  }
+  const DeviceInfo& info = device_info(device);
+  const int warp_size = info.warp_size;
   const gpuStream_t stream = current_stream(device);
+  if (token_kernel_fits(a, is_neox, writes_cache, c.fp8)) {
+    a.lh_log2 = 0;
+    while ((kTokVec << a.lh_log2) < a.d) ++a.lh_log2;
+    if (is_neox) a.half_lanes = a.half / kTokVec;
+    if (dt == ScalarType::BFloat16)
+      launch_token_typed<bf16_t>(a, is_neox, info.num_sms, stream);
+    else
+      launch_token_typed<half_t>(a, is_neox, info.num_sms, stream);
+    check_launch(kOp);
+    return {q_out, k_out};
+  }
+  int vec = pick_vec(a.d, a.dv, warp_size);
+  if (vec && !vector_access_ok(a, vec, writes_cache, c.fp8)) vec = 0;
   if (dt == ScalarType::BFloat16)
     launch_typed<bf16_t>(a, is_neox, vec, warp_size, stream);
   else
