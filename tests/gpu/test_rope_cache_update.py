@@ -88,7 +88,8 @@ def test_cache_matches_the_backends_own_write(backend, tokens, monkeypatch):
             q, k, v, positions, cos_sin, True, *weights, 1e-6, None, None, None, None, None)
         case = (backend, tokens, layout, cache_dtype, qk_norm, heads, kv_heads, head_size)
         assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref), case
-        layer.impl.do_kv_cache_update(layer, k_ref, v, theirs, slots)
+        if tokens:  # vLLM's reshape_and_cache_flash cannot launch an empty grid
+            layer.impl.do_kv_cache_update(layer, k_ref, v, theirs, slots)
         torch.cuda.synchronize()
         if cache_dtype == "fp8":
             fp8 = layer.impl.fp8_dtype
