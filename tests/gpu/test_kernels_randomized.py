@@ -176,3 +176,80 @@ def test_silu_and_mul_dynamic_fp8_quant(poison, fp8_close, scales_close, dtype, 
     # SiLU*Mul is elementwise and rounded as torch rounds it: scales match to 1e-6.
     scales_close(s, s_ref, what=what)
     fp8_close(q, s, q_ref, s_ref, group, what)
+
+
+# (QK-norm +) RoPE + KV-cache write: head sizes on and off the 16-byte token-major path,
+# partial rotary, both styles, optional norm and cache, padded slot mappings. Inputs are views
+# of one qkv tensor (optionally with extra row elements), as in vLLM's graphs.
+HEAD_SIZES = st.sampled_from([64, 64, 128, 128, 256, 80, 96, 130, 192])
+HEADS = st.sampled_from([(1, 1), (4, 4), (8, 2), (32, 8), (5, 1)])
+
+
+@st.composite
+def rotary_dims(draw, head_size):
+    """The full head, or an even part of it (partial rotary)."""
+    if draw(st.booleans()):
+        return head_size
+    return 2 * draw(st.integers(1, head_size // 2))
+
+
+@SETTINGS
+@given(dtype=DTYPES, heads=HEADS, head_size=HEAD_SIZES, neox=st.booleans(), norm=st.booleans(),
+       cache=st.sampled_from(["none", "same", "fp8"]), tokens=st.sampled_from([0, 1, 7, 64, 300]),
+       row_pad=st.sampled_from([0, 8, 3]), block_size=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_qk_norm_rope_kv_cache(poison, dtype, heads, head_size, neox, norm, cache, tokens,
+                               row_pad, block_size, seed, data):
+    hq, hkv = heads
+    rot = data.draw(rotary_dims(head_size), label="rotary_dim")
+    gen = _seeded(seed)
+    width = (hq + 2 * hkv) * head_size
+    qkv = (torch.randn(tokens, width + row_pad, device="cuda", generator=gen)
+           .to(dtype)[:, :width])
+    q, k, v = qkv.split([hq * head_size, hkv * head_size, hkv * head_size], -1)
+    q, k, v = (q.view(tokens, hq, head_size), k.view(tokens, hkv, head_size),
+               v.view(tokens, hkv, head_size))
+    positions = torch.randint(0, 512, (tokens,), device="cuda", generator=gen)
+    cos_sin = torch.randn(512, rot, device="cuda", generator=gen).to(dtype)
+    weights = ((torch.rand(head_size, device="cuda", generator=gen) + 0.5).to(dtype),
+               (torch.rand(head_size, device="cuda", generator=gen) + 0.5).to(dtype)
+               ) if norm else (None, None)
+    caches = (None,) * 5
+    ours = theirs = None
+    if cache != "none":
+        blocks = max(tokens // block_size + 2, 2)
+        cache_dtype = dtype if cache == "same" else vf.fp8_dtype()
+        shape = (blocks, block_size, hkv, head_size)
+        # NaN everywhere: a slot the op must not write stays NaN; a written one is compared.
+        ours = (torch.full(shape, float("nan"), device="cuda").to(cache_dtype),
+                torch.full(shape, float("nan"), device="cuda").to(cache_dtype))
+        theirs = (ours[0].clone(), ours[1].clone())
+        n = data.draw(st.integers(0, tokens), label="slots")
+        slots = torch.randperm(blocks * block_size, device="cuda", generator=gen)[:n]
+        if n > 1:
+            slots[n // 2] = -1  # a padded token
+        scales = ((torch.rand(1, device="cuda", generator=gen) + 0.5,
+                   torch.rand(1, device="cuda", generator=gen) + 0.5)
+                  if cache == "fp8" else (None, None))
+        caches = (*ours, slots, *scales)
+        ref_caches = (*theirs, slots, *scales)
+    _poison_outputs(poison, (tokens,), (hq + hkv) * head_size, 0)
+    q_out, k_out = OPS.qk_norm_rope_kv_cache(q, k, v, positions, cos_sin, neox, *weights, 1e-6,
+                                             *caches)
+    q_ref, k_ref = vf.rope.qk_norm_rope_kv_cache_ref(
+        q, k, v, positions, cos_sin, neox, *weights, 1e-6,
+        *(ref_caches if cache != "none" else caches))
+    what = (f"heads={heads} D={head_size} rot={rot} neox={neox} norm={norm} cache={cache} "
+            f"T={tokens} pad={row_pad} seed={seed}")
+    # RoPE is exact (fp32, no FMA); the per-head norm's fp32 sum may round differently.
+    tol = dict(rtol=1e-2, atol=1e-2) if norm else dict(rtol=0, atol=0)
+    torch.testing.assert_close(q_out, q_ref, **tol, msg=what)
+    torch.testing.assert_close(k_out, k_ref, **tol, msg=what)
+    if cache == "same":
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, equal_nan=True, **tol, msg=what)
+    elif cache == "fp8":
+        for a, b in zip(ours, theirs):
+            # One e4m3 step where the norm rounds differently; NaN where nothing was written.
+            torch.testing.assert_close(a.float(), b.float(), equal_nan=True, rtol=0.13,
+                                       atol=2.0**-6, msg=what)
