@@ -38,6 +38,7 @@ def backend_impl(backend: str, layer):
     impl._is_per_token_head_quant = False
     impl.is_kvcache_nvfp4 = False
     impl.nvfp4_fa2 = False  # FLASHINFER, vLLM 0.33
+    impl.cache_dtype = layer.kv_cache_dtype  # FLASHINFER, vLLM 0.33 (its kv_cache_dtype)
     impl._set_kv_ptr_range = False  # TRITON_ATTN, vLLM 0.33
     from vllm.platforms import current_platform
 
