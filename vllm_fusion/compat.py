@@ -15,6 +15,13 @@ as the package touches it:
   before them even when the package turns vLLM's flag off to replace vLLM's pass.
 - ``fx_utils`` helpers: 0.33 removed ``is_auto_func``, ``find_getitem(_maybe)`` and
   ``get_only_user``; the package's copies are below.
+- How an attention backend describes its KV cache. 0.26's backends have
+  ``get_kv_cache_shape``; 0.33 dropped it and describes the logical per-layer page
+  ``(blocks, heads, block_size, content bytes)`` from the layer's ``AttentionSpec``
+  (``compute_layer_kv_cache_shape_bytes``). The layout is the same in both: FLASH_ATTN,
+  TRITON_ATTN and FLASHINFER pack K and V in the last dim of a logical
+  ``(blocks, kv_heads, block_size, 2 * head_size)`` cache and their ``do_kv_cache_update``
+  takes ``kv_cache.transpose(1, 2).split(head_size, -1)``, so only the description differs.
 
 Unchanged between the two (checked against both sources, so nothing here for them):
 ``PostGradPassManager.configure/add/uuid``, ``OPTIMIZATION_LEVEL_TO_CONFIG``'s structure
@@ -62,6 +69,9 @@ class Release:
     fusions_without_vllm_pass: tuple[str, ...] = ()
     # vLLM pass name -> fusion flag it must run before (canonicalization passes).
     canonicalization_passes: dict[str, str] = field(default_factory=dict)
+    # Attention backends describe their KV cache shape with an AttentionSpec, not
+    # get_kv_cache_shape.
+    kv_cache_shape_from_spec: bool = False
 
     def has_vllm_pass(self, flag: str) -> bool:
         return flag not in self.fusions_without_vllm_pass
@@ -77,6 +87,7 @@ VLLM_0_33 = Release(
     additional_config_settings=tuple(SP_SETTINGS),
     fusions_without_vllm_pass=("enable_sp", "fuse_gemm_comms"),
     canonicalization_passes=dict(NORM_CANONICALIZATION_PASSES),
+    kv_cache_shape_from_spec=True,
 )
 RELEASES: tuple[Release, ...] = (VLLM_0_26, VLLM_0_33)
 
@@ -105,6 +116,23 @@ def release_for(vllm_version: str | None) -> Release:
 def release() -> Release:
     """The release line of the installed vLLM."""
     return release_for(installed_vllm_version())
+
+
+# ------------------------------------------------------------------ KV cache
+
+def attention_kv_cache_shape(backend_cls, num_blocks: int, block_size: int, num_kv_heads: int,
+                             head_size: int, dtype) -> tuple[int, ...]:
+    """The logical ``(blocks, kv_heads, block_size, 2 * head_size)`` shape of one layer's KV
+    cache of ``dtype`` for a full-attention backend, as the installed vLLM describes it."""
+    if not release().kv_cache_shape_from_spec:
+        return tuple(backend_cls.get_kv_cache_shape(num_blocks, block_size, num_kv_heads,
+                                                    head_size))
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, compute_layer_kv_cache_shape_bytes
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
+                             head_size=head_size, dtype=dtype)
+    *outer, content_bytes = compute_layer_kv_cache_shape_bytes(spec, num_blocks)
+    return (*outer, content_bytes // dtype.itemsize)
 
 
 # ------------------------------------------------------------------ PassConfig

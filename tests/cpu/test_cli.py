@@ -5,6 +5,7 @@ import json
 import pytest
 
 from vllm_fusion.cli import main
+from vllm_fusion.passes.registry import FUSIONS
 
 
 def test_doctor_json_names_versions_kernels_and_fusions(capsys, kernels):
@@ -25,7 +26,12 @@ def test_doctor_says_what_the_installed_vllm_supports(capsys, kernels):
     report = json.loads(capsys.readouterr().out)
     api = report["vllm_api"]
     assert api["release"] == compat.release().version == report["vllm"]
-    assert api["owned"] == ["fuse_act_padding", "fuse_norm_quant", "fuse_act_quant"]
+    # The registry decides what the package owns; the report keeps its (vLLM pass) order.
+    owned = [f.flag for f in FUSIONS if f.package_pass]
+    assert api["owned"] == owned
+    assert {"fuse_act_padding", "fuse_norm_quant", "fuse_act_quant", "fuse_rope_kvcache",
+            "enable_qk_norm_rope_fusion"} <= set(owned)
+    assert not set(owned) & set(api["delegated"] + api["unavailable"])
     assert {"fuse_norm_quant", "fuse_act_quant", "fuse_allreduce_rms"} <= set(
         api["pass_config_fusion_flags"])
     if compat.release() is compat.VLLM_0_26:

@@ -7,7 +7,9 @@ import itertools
 
 import pytest
 
+from vllm_fusion import compat
 from vllm_fusion.matrix import load_full_matrix, load_matrix
+from vllm_fusion.passes.registry import by_flag
 from vllm_fusion.resolver import resolve_fusion, resolve_setup, simulated_setup
 
 PLATFORMS = ("sm80", "sm89", "sm90", "sm100", "sm120", "gfx90a", "gfx942", "gfx950")
@@ -139,8 +141,15 @@ def test_explicit_true_the_hardware_cannot_run_is_off_with_one_warning(flag, pla
     ("fuse_allreduce_rms", "sm90", 2, "fp8-per-token", "on"),
 ])
 def test_explicit_true_wins_where_it_can_run(flag, platform, tp, scheme, status):
-    d = resolve_fusion(flag, simulated_setup(platform, tp=tp, quant=scheme, level=1,
-                                             flags={flag: True}))
+    setup = simulated_setup(platform, tp=tp, quant=scheme, level=1, flags={flag: True})
+    d = resolve_fusion(flag, setup)
+    release = compat.release_for(setup.vllm)
+    if not release.has_vllm_pass(flag) and by_flag(flag).package_pass is None:
+        # vLLM 0.33 removed SP / AsyncTP: nothing can run it, so the explicit True is refused.
+        missing = f"vLLM {release.version} has no {flag} pass"
+        assert not d.enabled and d.status == "off" and missing in d.reason
+        assert d.warning.startswith(f"{flag} is turned off on {platform}: ") and missing in d.warning
+        return
     assert d.enabled and d.explicit and d.warning is None and d.status == status
     assert "turned on explicitly" in d.reason
 

@@ -102,6 +102,9 @@ def backend_impl(backend: str, layer):
     impl.kv_sharing_target_layer_name = None
     impl._is_per_token_head_quant = False
     impl.is_kvcache_nvfp4 = False
+    impl.nvfp4_fa2 = False  # FLASHINFER, vLLM 0.33
+    impl.cache_dtype = layer.kv_cache_dtype  # FLASHINFER, vLLM 0.33 (its kv_cache_dtype)
+    impl._set_kv_ptr_range = False  # TRITON_ATTN, vLLM 0.33: no pointer-range bookkeeping
     impl.fp8_dtype = FP8
     return impl
 
@@ -122,8 +125,12 @@ def make_kv_cache(backend: str, layout: str, num_kv_heads: int, head_size: int,
     as vLLM allocates it for ``layout`` (its get_kv_cache_stride_order)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    from vllm_fusion import compat
+
     cls = AttentionBackendEnum[backend].get_class()
-    shape = cls.get_kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_size)
+    shape = compat.attention_kv_cache_shape(cls, NUM_BLOCKS, BLOCK_SIZE, num_kv_heads,
+                                            head_size, dtype)
+    assert shape == (NUM_BLOCKS, num_kv_heads, BLOCK_SIZE, 2 * head_size), shape
     order = (0, 2, 1, 3) if layout == "NHD" else (0, 1, 2, 3)
     physical = torch.zeros([shape[i] for i in order], dtype=dtype)
     inverse = [order.index(i) for i in range(4)]

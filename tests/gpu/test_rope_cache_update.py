@@ -37,6 +37,9 @@ def backend_impl(backend: str, layer):
     impl.kv_sharing_target_layer_name = None
     impl._is_per_token_head_quant = False
     impl.is_kvcache_nvfp4 = False
+    impl.nvfp4_fa2 = False  # FLASHINFER, vLLM 0.33
+    impl.cache_dtype = layer.kv_cache_dtype  # FLASHINFER, vLLM 0.33 (its kv_cache_dtype)
+    impl._set_kv_ptr_range = False  # TRITON_ATTN, vLLM 0.33
     from vllm.platforms import current_platform
 
     impl.fp8_dtype = current_platform.fp8_dtype()
@@ -46,8 +49,10 @@ def backend_impl(backend: str, layer):
 def kv_cache_for(backend: str, layout: str, kv_heads: int, head_size: int, dtype):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    shape = AttentionBackendEnum[backend].get_class().get_kv_cache_shape(
-        NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_size)
+    from vllm_fusion import compat
+
+    shape = compat.attention_kv_cache_shape(AttentionBackendEnum[backend].get_class(),
+                                            NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_size, dtype)
     order = (0, 2, 1, 3) if layout == "NHD" else (0, 1, 2, 3)
     physical = torch.zeros([shape[i] for i in order], dtype=dtype, device="cuda")
     return physical.permute(*[order.index(i) for i in range(4)])

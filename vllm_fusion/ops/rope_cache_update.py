@@ -87,7 +87,7 @@ def _fp8_cache_dtype() -> torch.dtype:
 def cache_views(layer, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's ``[blocks, block_size, kv_heads, head_size]`` key and value cache views.
 
-    FLASH_ATTN, TRITON_ATTN and FLASHINFER (vLLM 0.26) all pack K and V in the last dim of
+    FLASH_ATTN, TRITON_ATTN and FLASHINFER (vLLM 0.26 and 0.33) all pack K and V in the last dim of
     the logical ``(blocks, kv_heads, block_size, 2 * head_size)`` cache; an fp8 cache is
     allocated as uint8 and viewed as the platform's fp8 dtype, as TRITON_ATTN does."""
     key_cache, value_cache = kv_cache.transpose(1, 2).split(layer.head_size, dim=-1)
