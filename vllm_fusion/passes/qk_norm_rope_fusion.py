@@ -23,16 +23,13 @@ from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
 from vllm_fusion.ops.rope_cache_update import MAX_HEAD_SIZE, SUPPORTED_DTYPES
-from vllm_fusion.passes.base import FusionPass
 from vllm_fusion.passes.quant_schemes import EPSILONS
 from vllm_fusion.passes.rope_kvcache_fusion import (
     Geometry,
+    RopeFusionPass,
     RopePattern,
     attention_layers,
     geometries,
-    rope_sources,
-    run_utility_passes,
-    utility_passes,
 )
 
 logger = init_logger(__name__)
@@ -68,7 +65,7 @@ def kernel_takes(geometry: Geometry) -> bool:
     return geometry.head_size % 2 == 0 and geometry.head_size <= MAX_HEAD_SIZE
 
 
-class QKNormRoPEFusionPass(FusionPass):
+class QKNormRoPEFusionPass(RopeFusionPass):
     """``enable_qk_norm_rope_fusion``: QK-norm + RoPE -> one kernel (no KV cache)."""
 
     flag = "enable_qk_norm_rope_fusion"
@@ -76,7 +73,6 @@ class QKNormRoPEFusionPass(FusionPass):
 
     def __init__(self, config: VllmConfig, settings: FusionSettings):
         super().__init__(config, settings)
-        self.split_coalescing, self.scatter_split = utility_passes(config)
         if self.model_dtype not in SUPPORTED_DTYPES:
             logger.warning_once("vllm_fusion: %s: model dtype %s is not bfloat16/float16; "
                                 "nothing is fused", self.flag, self.model_dtype)
@@ -95,12 +91,3 @@ class QKNormRoPEFusionPass(FusionPass):
                         self.register(QKNormRoPEPattern(geometry, is_neox, epsilon,
                                                         self.model_dtype, use_flashinfer))
         self.dump_patterns(config, self.pm_pass)
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        if self._pattern_replacements:
-            run_utility_passes(self, graph)
-        super().__call__(graph)
-
-    def _pattern_types(self) -> list:
-        # For the uuid: the shared pattern code, beyond the concrete classes.
-        return [*super()._pattern_types(), rope_sources()]

@@ -269,7 +269,25 @@ class RopeKVCachePattern(RopePattern):
         return reason
 
 
-class RopeKVCacheFusionPass(FusionPass):
+class RopeFusionPass(FusionPass):
+    """What both RoPE passes share: vLLM's split clean-ups run first, and the uuid covers
+    the shared pattern code."""
+
+    def __init__(self, config: VllmConfig, settings: FusionSettings):
+        super().__init__(config, settings)
+        self.split_coalescing, self.scatter_split = utility_passes(config)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self._pattern_replacements:
+            run_utility_passes(self, graph)
+        super().__call__(graph)
+
+    def _pattern_types(self) -> list:
+        # For the uuid: the shared pattern code and the op, beyond the concrete classes.
+        return [*super()._pattern_types(), rope_sources()]
+
+
+class RopeKVCacheFusionPass(RopeFusionPass):
     """``fuse_rope_kvcache``: (QK-norm +) RoPE + KV-cache write -> one kernel per layer."""
 
     flag = "fuse_rope_kvcache"
@@ -278,7 +296,6 @@ class RopeKVCacheFusionPass(FusionPass):
     def __init__(self, config: VllmConfig, settings: FusionSettings):
         super().__init__(config, settings)
         assert rope_cache_update.OP_NAME  # the op is registered by importing the module
-        self.split_coalescing, self.scatter_split = utility_passes(config)
         if not _USE_LAYERNAME:
             # The layer name is then a string constant per layer; vLLM 0.26 on torch 2.11
             # passes it as an opaque graph input unless VLLM_USE_LAYERNAME=0.
@@ -300,15 +317,6 @@ class RopeKVCacheFusionPass(FusionPass):
                 for is_neox in (True, False):
                     self.register(RopeKVCachePattern(geometry, is_neox, epsilon, dtype, config))
         self.dump_patterns(config, self.pm_pass)
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        if self._pattern_replacements:
-            run_utility_passes(self, graph)
-        super().__call__(graph)
-
-    def _pattern_types(self) -> list:
-        # For the uuid: the shared pattern code and the op, beyond the concrete classes.
-        return [*super()._pattern_types(), rope_sources()]
 
 
 @functools.cache
