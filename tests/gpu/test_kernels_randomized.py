@@ -253,3 +253,35 @@ def test_qk_norm_rope_kv_cache(poison, dtype, heads, head_size, neox, norm, cach
             # One e4m3 step where the norm rounds differently; NaN where nothing was written.
             torch.testing.assert_close(a.float(), b.float(), equal_nan=True, rtol=0.13,
                                        atol=2.0**-6, msg=what)
+
+
+@SETTINGS
+@given(dtype=DTYPES, leading=LEADING, pad=ROW_PAD, residual=st.booleans(),
+       eps=st.sampled_from([1e-5, 1e-6]), exact=st.booleans(), extra=st.integers(0, 300),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_rms_norm_pad(poison, dtype, leading, pad, residual, eps, exact, extra, seed, data):
+    width = data.draw(widths(0, 6000), label="hidden")
+    padded = width + extra
+    gen = _seeded(seed)
+    x = _tensor(gen, leading, width, pad, dtype, exact)
+    r = _tensor(gen, leading, width, 0, dtype, exact) if residual else None
+    w = torch.randn(width, device="cuda", generator=gen).to(dtype)
+    rows = 1
+    for n in leading:
+        rows *= n
+    what = f"shape={tuple(x.shape)} padded={padded} pad={pad} exact={exact} seed={seed}"
+    # The op allocates (residual_out, then) out: blocks of those sizes hold 0xFF (NaN) first.
+    if residual:
+        poison(rows * width * 2, rows * padded * 2)
+        out, r_out = OPS.fused_add_rms_norm_pad(x, r, w, eps, padded)
+        ref, r_ref = vf.fused_add_rms_norm_pad_ref(x, r, w, eps, padded)
+        assert torch.equal(r_out.view(torch.int16), r_ref.view(torch.int16)), what
+    else:
+        poison(rows * padded * 2)
+        out = OPS.rms_norm_pad(x, w, eps, padded)
+        ref = vf.rms_norm_pad_ref(x, w, eps, padded)
+    assert out.shape == (*leading, padded) and out.is_contiguous(), what
+    assert torch.equal(out[..., width:], torch.zeros_like(out[..., width:])), what
+    # Exact inputs: bit for bit; random ones: the fp32 sum may round differently (2 ulps).
+    tol = 0 if exact else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol, msg=what)
