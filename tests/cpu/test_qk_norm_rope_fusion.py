@@ -6,7 +6,6 @@ on, the RoPE + KV-cache pass (which runs first) takes the three together."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.cpu.test_rope_kvcache_fusion import (
     ATTENTION,
