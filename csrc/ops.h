@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace vllm_fusion {
 
@@ -92,5 +93,22 @@ std::tuple<Tensor, Tensor> qk_norm_rope_kv_cache(
     const std::optional<Tensor>& k_weight, double epsilon, const std::optional<Tensor>& key_cache,
     const std::optional<Tensor>& value_cache, const std::optional<Tensor>& slot_mapping,
     const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale);
+
+// ---- all-reduce over one node + residual add + RMSNorm (+ static FP8): csrc/allreduce_kernels.cu
+// `buffers` holds every rank's peer-addressable workspace address (this process's mapping), each
+// laid out as all_reduce_flag_bytes() of zeroed flags then four halves of `capacity` bytes;
+// `counter` is this rank's int64 [2] call counter (zeroed once, then owned by the kernel).
+
+// Bytes of the flag region at the start of every rank's workspace.
+int64_t all_reduce_flag_bytes();
+
+// -> (out: normalized [input dtype] or fp8 when `scale` is given, residual_out)
+std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
+                                               const std::optional<Tensor>& residual,
+                                               const Tensor& weight, double epsilon,
+                                               const std::optional<Tensor>& scale,
+                                               const std::vector<int64_t>& buffers,
+                                               const Tensor& counter, int64_t rank,
+                                               int64_t capacity, bool two_shot);
 
 }  // namespace vllm_fusion

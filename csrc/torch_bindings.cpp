@@ -44,6 +44,12 @@ STABLE_TORCH_LIBRARY(vllm_fusion, m) {
       "Tensor cos_sin_cache, bool is_neox, Tensor? q_weight, Tensor? k_weight, float epsilon, "
       "Tensor(a!)? key_cache, Tensor(b!)? value_cache, Tensor? slot_mapping, Tensor? k_scale, "
       "Tensor? v_scale) -> (Tensor, Tensor)");
+  // All-reduce over one node's peer buffers + residual add + RMSNorm (+ static FP8 quant).
+  m.def("all_reduce_flag_bytes() -> int");
+  m.def(
+      "all_reduce_rms_norm(Tensor input, Tensor? residual, Tensor weight, float epsilon, "
+      "Tensor? scale, int[] buffers, Tensor(a!) counter, int rank, int capacity, bool two_shot) "
+      "-> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
@@ -64,6 +70,12 @@ STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CUDA, m) {
          TORCH_BOX(&vllm_fusion::fused_add_rms_norm_nvfp4_quant));
   m.impl("silu_and_mul_nvfp4_quant", TORCH_BOX(&vllm_fusion::silu_and_mul_nvfp4_quant));
   m.impl("qk_norm_rope_kv_cache", TORCH_BOX(&vllm_fusion::qk_norm_rope_kv_cache));
+  m.impl("all_reduce_rms_norm", TORCH_BOX(&vllm_fusion::all_reduce_rms_norm));
+}
+
+// Ops without tensor arguments dispatch to no device.
+STABLE_TORCH_LIBRARY_IMPL(vllm_fusion, CompositeExplicitAutograd, m) {
+  m.impl("all_reduce_flag_bytes", TORCH_BOX(&vllm_fusion::all_reduce_flag_bytes));
 }
 
 // ---------------------------------------------------------------- Python module entry point

@@ -28,6 +28,16 @@ class TokenRange:
 
 
 @dataclass(frozen=True)
+class AllReduceSizes:
+    """Where a fused all-reduce runs for one (platform, TP size): messages up to ``max_bytes``,
+    the one-shot kernel up to ``one_shot_bytes`` and the two-shot kernel above."""
+
+    max_bytes: int
+    one_shot_bytes: int
+    measured: str = ""
+
+
+@dataclass(frozen=True)
 class SchemeVerdict:
     """One quantization scheme family of a fusion: whether it is fused, and (for the
     package's kernels) where the fused kernel beats Inductor."""
@@ -90,6 +100,8 @@ class FusionCapability:
     quant_only: bool = False
     # ROCm platform id -> what runs there
     rocm: dict[str, RocmRow] = field(default_factory=dict)
+    # All-reduce fusions: platform id -> TP size -> message sizes where the fused op runs
+    message_sizes: dict[str, dict[int, AllReduceSizes]] = field(default_factory=dict)
 
     def supported_on(self, platform_id: str) -> bool:
         return platform_id in self.platforms
@@ -147,6 +159,25 @@ def _rocm_row(raw: dict, where: str, schemes: dict) -> RocmRow:
     return RocmRow(route, raw["reason"], aiter_ops, fallback)
 
 
+def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]]:
+    """``[<fusion>.message_sizes.<platform>]``: ``tp<N> = {max_mib, one_shot_mib}`` rows and
+    the ``measured`` text they come from."""
+    tables = {}
+    for pid, table in raw.items():
+        measured = table.get("measured", "")
+        sizes = {}
+        for key, row in table.items():
+            if key == "measured":
+                continue
+            if not key.startswith("tp") or not key[2:].isdigit():
+                raise MatrixError(f"{where}.{pid}: keys are tp<N> or measured, got {key!r}")
+            max_bytes = int(float(row["max_mib"]) * 2**20)
+            one_shot = min(int(float(row["one_shot_mib"]) * 2**20), max_bytes)
+            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot, measured)
+        tables[pid] = sizes
+    return tables
+
+
 def _parse(raw: dict) -> Matrix:
     platforms = {
         pid: Platform(pid, entry["vendor"], entry["label"])
@@ -202,6 +233,8 @@ def _parse(raw: dict) -> Matrix:
             dtypes=tuple(entry.get("dtypes", ())),
             quant_only=bool(entry.get("quant_only", False)),
             rocm=rocm,
+            message_sizes=_message_sizes(entry.get("message_sizes", {}),
+                                         f"{where}.message_sizes"),
         )
     return Matrix(platforms, schemes, fusions)
 

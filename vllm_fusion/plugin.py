@@ -47,6 +47,7 @@ def _register() -> None:
     global registration_count
     from vllm_fusion.passes.pass_manager_hook import (
         install_compile_factors_hook,
+        install_compile_ranges_hook,
         install_config_validation,
         install_level_defaults,
         install_pass_config_hook,
@@ -63,6 +64,7 @@ def _register() -> None:
     install_pass_config_hook()
     install_config_validation()
     install_splitting_ops_hook()
+    install_compile_ranges_hook()
     owned = [f.flag for f in FUSIONS if f.package_pass is not None]
     delegated = [f.flag for f in FUSIONS if f.package_pass is None]
     logger.info(

@@ -78,6 +78,8 @@ class Setup:
     scheme_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # pass_config.sp_min_token_num (vLLM 0.26) / additional_config (0.33); None: unset
     sp_min_token_num: int | None = None
+    # pass_config.fi_allreduce_fusion_max_size_mb: the user's fused all-reduce limit
+    allreduce_max_mib: float | None = None
     # The vLLM release decided for (its passes and settings differ): the installed one.
     vllm: str = field(default_factory=lambda: compat.release().version)
 
@@ -141,6 +143,8 @@ class Setup:
             force_schemes=options["force_schemes"],
             scheme_overrides={k: tuple(v) for k, v in options["schemes"].items()},
             sp_min_token_num=compat.read_setting(vllm_config, "sp_min_token_num", options),
+            allreduce_max_mib=_safe(
+                lambda: compilation.pass_config.fi_allreduce_fusion_max_size_mb, None),
         )
 
 
@@ -280,6 +284,13 @@ def _gate(cap: FusionCapability, setup: Setup) -> str | None:
         return "needs AITER (installed and VLLM_ROCM_USE_AITER=1)"
     if cap.dtypes and setup.dtype not in cap.dtypes:
         return f"model dtype {setup.dtype} not in {'/'.join(cap.dtypes)}"
+    if cap.message_sizes and route is None and setup.allreduce_max_mib is None:
+        measured = cap.message_sizes.get(setup.platform, {})
+        if setup.tp not in measured:
+            sizes = ", ".join(f"TP{tp}" for tp in sorted(measured)) or "none"
+            return (f"no measured message-size threshold for TP={setup.tp} on "
+                    f"{setup.platform} (measured: {sizes}); set "
+                    "compilation_config.pass_config.fi_allreduce_fusion_max_size_mb to run it")
     if cap.needs_full_graph and cap.flag == "fuse_rope_kvcache" and setup.kv_update_split \
             and not setup.graph_partition:
         return (f"compilation_config.splitting_ops contains {KV_CACHE_UPDATE_OP}, so the "

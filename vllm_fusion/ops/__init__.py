@@ -12,13 +12,14 @@ import importlib
 
 import torch
 
-from vllm_fusion.ops import act_quant, norm_pad, norm_quant, rope
+from vllm_fusion.ops import act_quant, allreduce_norm, norm_pad, norm_quant, rope
 from vllm_fusion.ops.act_quant import (
     silu_and_mul_dynamic_fp8_quant_ref,
     silu_and_mul_nvfp4_quant_ref,
     silu_and_mul_ref,
     silu_and_mul_static_fp8_quant_ref,
 )
+from vllm_fusion.ops.allreduce_norm import all_reduce_ref, all_reduce_rms_norm_ref
 from vllm_fusion.ops.fp8 import (
     dynamic_fp8_quant_ref,
     fp8_dtype,
@@ -48,7 +49,7 @@ from vllm_fusion.ops.rope import (
 )
 
 NAMESPACE = "vllm_fusion"
-OPS = norm_quant.OPS + act_quant.OPS + norm_pad.OPS + rope.OPS
+OPS = norm_quant.OPS + act_quant.OPS + norm_pad.OPS + rope.OPS + allreduce_norm.OPS
 
 _fakes_registered = False
 
@@ -80,6 +81,7 @@ def register_fakes() -> bool:
     act_quant.register_fakes()
     norm_pad.register_fakes()
     rope.register_fakes()
+    allreduce_norm.register_fakes()
     _fakes_registered = True
     return True
 
@@ -88,6 +90,8 @@ register_fakes()
 
 __all__ = [
     "OPS",
+    "all_reduce_ref",
+    "all_reduce_rms_norm_ref",
     "dynamic_fp8_quant_ref",
     "fp8_dtype",
     "fp8_max",

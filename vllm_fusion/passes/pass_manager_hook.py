@@ -156,11 +156,13 @@ def configure_with_package_passes(original, manager, config) -> None:
 def _register_graph_ops() -> None:
     """The package's Python ops that compiled graphs call: registered wherever vLLM compiles
     or loads a compiled graph (a cache hit runs no pass that would import them)."""
-    try:
-        importlib.import_module("vllm_fusion.ops.rope_cache_update")
-    except Exception as e:  # the RoPE + KV-cache pass then fails to build and says so
-        logger.warning("vllm_fusion: could not register vllm_fusion::rope_kv_cache_update "
-                       "(%s: %s)", type(e).__name__, e)
+    for module, op in (("rope_cache_update", "rope_kv_cache_update"),
+                       ("fused_allreduce", "fused_all_reduce_rms_norm")):
+        try:
+            importlib.import_module(f"vllm_fusion.ops.{module}")
+        except Exception as e:  # the pass that needs the op then fails to build and says so
+            logger.warning("vllm_fusion: could not register vllm_fusion::%s (%s: %s)", op,
+                           type(e).__name__, e)
 
 
 def _wrap_configure(manager_cls) -> None:
@@ -376,6 +378,61 @@ def install_splitting_ops_hook() -> None:
     setattr(__post_init__, "__vllm_fusion_tracks_config__", True)
     CompilationConfig.set_splitting_ops_for_v1 = set_splitting_ops_for_v1
     VllmConfig.__post_init__ = __post_init__
+
+
+def allreduce_max_mib(vllm_config) -> float | None:
+    """The package's fused all-reduce message limit (MiB) for this config when its
+    ``fuse_allreduce_rms`` runs here and the user set no limit; else None."""
+    from vllm_fusion.passes.allreduce_rms_fusion import FLAG, message_sizes
+    from vllm_fusion.resolver import Setup, resolve_fusion
+
+    pass_config = vllm_config.compilation_config.pass_config
+    if not getattr(pass_config, FLAG, False) or \
+            getattr(pass_config, "fi_allreduce_fusion_max_size_mb", None) is not None:
+        return None
+    setup = Setup.from_vllm_config(vllm_config)
+    decision = resolve_fusion(FLAG, setup)
+    if not decision.enabled or decision.route != "vllm_fusion":
+        return None
+    sizes = message_sizes(setup.platform, setup.tp)
+    return None if sizes is None else sizes.max_bytes / 2**20
+
+
+def install_compile_ranges_hook() -> None:
+    """Add the fused all-reduce's size threshold to vLLM's compile-range endpoints.
+
+    vLLM 0.26 adds an endpoint for ``fuse_allreduce_rms`` from
+    ``pass_config.fi_allreduce_fusion_max_size_mb`` (or FlashInfer's own table); the package's
+    limit is put there while vLLM computes the ranges, so the range below it is compiled
+    separately and the pass can fire there."""
+    from vllm.config import VllmConfig
+
+    original = getattr(VllmConfig, "_set_compile_ranges", None)
+    if original is None or getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def _set_compile_ranges(self) -> None:
+        try:
+            max_mib = allreduce_max_mib(self)
+        except FusionConfigError:
+            raise
+        except Exception as e:  # never stop vLLM: its own ranges
+            logger.warning("vllm_fusion: could not size the fused all-reduce (%s: %s)",
+                           type(e).__name__, e)
+            max_mib = None
+        if max_mib is None:
+            original(self)
+            return
+        pass_config = self.compilation_config.pass_config
+        pass_config.fi_allreduce_fusion_max_size_mb = max_mib
+        try:
+            original(self)
+        finally:
+            pass_config.fi_allreduce_fusion_max_size_mb = None
+
+    setattr(_set_compile_ranges, _WRAPPED, True)
+    VllmConfig._set_compile_ranges = _set_compile_ranges
 
 
 def _current_settings_digest() -> str:

@@ -35,7 +35,11 @@ FUSIONS: tuple[Fusion, ...] = (
         ("RocmAiterTritonAddRMSNormPadFusionPass",),
         "vllm_fusion.passes.rms_pad_fusion:RMSNormPadFusionPass",
     ),
-    Fusion("fuse_allreduce_rms", ("AllReduceFusionPass", "RocmAiterAllReduceFusionPass")),
+    Fusion(
+        "fuse_allreduce_rms",
+        ("AllReduceFusionPass", "RocmAiterAllReduceFusionPass"),
+        "vllm_fusion.passes.allreduce_rms_fusion:AllReduceFusionPass",
+    ),
     Fusion(
         "fuse_norm_quant",
         ("RocmAiterRMSNormQuantFusionPass", "RMSNormQuantFusionPass"),
