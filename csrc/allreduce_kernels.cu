@@ -134,25 +134,41 @@ __device__ __forceinline__ T* result_half(const ArArgs& a, int rank, uint64_t ep
 }
 
 // ---------------------------------------------------------------- row steps
+// A row is owned by the whole block: thread t holds vectors t, t + blockDim, ... (NV of them).
 
-// Copies row `row` of the input into this rank's input half.
 template <typename T, int NV>
-__device__ __forceinline__ void publish_row(const ArArgs& a, int64_t row, uint64_t epoch) {
-  const int nvec = a.hidden / kVec;
-  const T* src = static_cast<const T*>(a.input) + row * a.hidden;
-  T* dst = input_half<T>(a, a.rank, epoch) + row * a.hidden;
+__device__ __forceinline__ void load_row(const T* src, Vec8<T> (&v)[NV], int nvec) {
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int j = threadIdx.x + k * blockDim.x;
-    if (j < nvec)
-      *reinterpret_cast<uint4*>(dst + j * kVec) = *reinterpret_cast<const uint4*>(src + j * kVec);
+    if (j < nvec) v[k].raw = *reinterpret_cast<const uint4*>(src + j * kVec);
   }
 }
 
-// x = T(sum over ranks of row `row` of `region(rank)`), summed in rank order.
+template <typename T, int NV>
+__device__ __forceinline__ void load_weight(const ArArgs& a, Vec8<T> (&w)[NV], int nvec) {
+  const T* src = static_cast<const T*>(a.weight);
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < nvec) w[k].raw = __ldg(reinterpret_cast<const uint4*>(src + j * kVec));
+  }
+}
+
+template <typename T, int NV>
+__device__ __forceinline__ void store_row(T* dst, const Vec8<T> (&v)[NV], int nvec) {
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < nvec) *reinterpret_cast<uint4*>(dst + j * kVec) = v[k].raw;
+  }
+}
+
+// x = T(sum over ranks of row `row` of `region(rank)`), summed in rank order; this rank's own
+// values come from `own` when given (already in registers), else from its region too.
 template <typename T, int NV, typename Region>
 __device__ __forceinline__ void reduce_row(const ArArgs& a, Region region, int64_t row,
-                                           float (&x)[NV][kVec]) {
+                                           const Vec8<T> (*own)[NV], float (&x)[NV][kVec]) {
   const int nvec = a.hidden / kVec;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -160,8 +176,13 @@ __device__ __forceinline__ void reduce_row(const ArArgs& a, Region region, int64
     if (j >= nvec) continue;
     Vec8<T> v[kMaxRanks];
 #pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r)
-      if (r < a.world) v[r].raw = load_peer16(region(r) + row * a.hidden + j * kVec);
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if (r >= a.world) continue;
+      if (own != nullptr && r == a.rank)
+        v[r] = (*own)[k];
+      else
+        v[r].raw = load_peer16(region(r) + row * a.hidden + j * kVec);
+    }
 #pragma unroll
     for (int i = 0; i < kVec; ++i) x[k][i] = 0.f;
 #pragma unroll
@@ -192,24 +213,23 @@ __device__ __forceinline__ void load_reduced_row(const ArArgs& a, int owner, int
   }
 }
 
-// Residual add, RMSNorm and quant of one all-reduced row held by the whole block.
+// Residual add, RMSNorm and quant of one all-reduced row held by the whole block; the row's
+// residual (`rin`, when a.residual is set) and the weight are already loaded.
 template <typename T, int NV, bool QUANT>
 __device__ __forceinline__ void norm_row(const ArArgs& a, int64_t row, float (&x)[NV][kVec],
+                                         const Vec8<T> (&rin)[NV], const Vec8<T> (&win)[NV],
                                          float inv_scale, float* smem) {
   const int nvec = a.hidden / kVec;
   const int64_t base = row * a.hidden;
-  const T* res = static_cast<const T*>(a.residual);
   T* res_out = static_cast<T*>(a.residual_out);
   float ss = 0.f;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int j = threadIdx.x + k * blockDim.x;
     if (j >= nvec) continue;
-    if (res != nullptr) {
-      float r[kVec];
-      load8(res + base + j * kVec, r);
+    if (a.residual != nullptr) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) x[k][i] += r[i];
+      for (int i = 0; i < kVec; ++i) x[k][i] += to_float(rin[k].h[i]);
     }
     store8(res_out + base + j * kVec, x[k]);
 #pragma unroll
@@ -219,15 +239,14 @@ __device__ __forceinline__ void norm_row(const ArArgs& a, int64_t row, float (&x
   ss = block_reduce(ss, smem, SumOp{}, 0.f);
   // torch: x * rsqrt(mean(x^2) + eps), mean = sum * (1/H); no FMA between the two.
   const float rinv = rsqrtf(__fadd_rn(__fmul_rn(ss, a.inv_hidden), a.eps));
-  const T* __restrict__ w = static_cast<const T*>(a.weight);
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int j = threadIdx.x + k * blockDim.x;
     if (j >= nvec) continue;
-    float wv[kVec], y[kVec];
-    load8_ro(w + j * kVec, wv);
+    float y[kVec];
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) y[i] = round_to<T>(round_to<T>(x[k][i] * rinv) * wv[i]);
+    for (int i = 0; i < kVec; ++i)
+      y[i] = round_to<T>(round_to<T>(x[k][i] * rinv) * to_float(win[k].h[i]));
     if constexpr (QUANT) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) y[i] = clamp_fp8(y[i] * inv_scale, a.fp8_max);
@@ -238,20 +257,47 @@ __device__ __forceinline__ void norm_row(const ArArgs& a, int64_t row, float (&x
   }
 }
 
+template <typename T, int NV>
+__device__ __forceinline__ void load_residual(const ArArgs& a, int64_t row, Vec8<T> (&rin)[NV]) {
+  if (a.residual != nullptr)
+    load_row<T, NV>(static_cast<const T*>(a.residual) + row * a.hidden, rin, a.hidden / kVec);
+}
+
 // ---------------------------------------------------------------- kernels
 
 template <typename T, int NV, bool QUANT>
 __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_one_shot(const ArArgs a) {
   __shared__ float smem[kMaxWarps];
+  const int nvec = a.hidden / kVec;
   const uint64_t epoch = call_epoch(a);
   const float inv_scale = QUANT ? 1.0f / __ldg(a.scale) : 1.0f;  // torch: x * scale.reciprocal()
-  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) publish_row<T, NV>(a, row, epoch);
-  peer_barrier(a, 0, epoch);
+  Vec8<T> win[NV], rin[NV];
+  load_weight<T, NV>(a, win, nvec);
   auto inputs = [&](int r) { return static_cast<const T*>(input_half<T>(a, r, epoch)); };
-  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+  if (a.rows <= gridDim.x) {
+    // One row per block (decode sizes): every load of the row is issued before the barrier.
+    const int64_t row = blockIdx.x;
+    Vec8<T> xin[NV];
+    load_row<T, NV>(static_cast<const T*>(a.input) + row * a.hidden, xin, nvec);
+    load_residual<T, NV>(a, row, rin);
+    store_row<T, NV>(input_half<T>(a, a.rank, epoch) + row * a.hidden, xin, nvec);
+    peer_barrier(a, 0, epoch);
     float x[NV][kVec];
-    reduce_row<T, NV>(a, inputs, row, x);
-    norm_row<T, NV, QUANT>(a, row, x, inv_scale, smem);
+    reduce_row<T, NV>(a, inputs, row, &xin, x);
+    norm_row<T, NV, QUANT>(a, row, x, rin, win, inv_scale, smem);
+  } else {
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+      Vec8<T> xin[NV];
+      load_row<T, NV>(static_cast<const T*>(a.input) + row * a.hidden, xin, nvec);
+      store_row<T, NV>(input_half<T>(a, a.rank, epoch) + row * a.hidden, xin, nvec);
+    }
+    peer_barrier(a, 0, epoch);
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+      load_residual<T, NV>(a, row, rin);
+      float x[NV][kVec];
+      reduce_row<T, NV>(a, inputs, row, static_cast<const Vec8<T>(*)[NV]>(nullptr), x);
+      norm_row<T, NV, QUANT>(a, row, x, rin, win, inv_scale, smem);
+    }
   }
   finish_call(a, epoch);
 }
@@ -263,17 +309,24 @@ __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_two_shot(cons
   const float inv_scale = QUANT ? 1.0f / __ldg(a.scale) : 1.0f;
   const int64_t chunk = (a.rows + a.world - 1) / a.world;
   const int nvec = a.hidden / kVec;
+  Vec8<T> win[NV], rin[NV];
+  load_weight<T, NV>(a, win, nvec);
   // Block b handles chunk offsets b, b + grid, ... of every rank's chunk.
   for (int64_t i = blockIdx.x; i < chunk; i += gridDim.x)
-    for (int p = 0; p < a.world; ++p)
-      if (p * chunk + i < a.rows) publish_row<T, NV>(a, p * chunk + i, epoch);
+    for (int p = 0; p < a.world; ++p) {
+      const int64_t row = p * chunk + i;
+      if (row >= a.rows) continue;
+      Vec8<T> xin[NV];
+      load_row<T, NV>(static_cast<const T*>(a.input) + row * a.hidden, xin, nvec);
+      store_row<T, NV>(input_half<T>(a, a.rank, epoch) + row * a.hidden, xin, nvec);
+    }
   peer_barrier(a, 0, epoch);
   auto inputs = [&](int r) { return static_cast<const T*>(input_half<T>(a, r, epoch)); };
   for (int64_t i = blockIdx.x; i < chunk; i += gridDim.x) {
     const int64_t row = a.rank * chunk + i;
     if (row >= a.rows) break;
     float x[NV][kVec];
-    reduce_row<T, NV>(a, inputs, row, x);
+    reduce_row<T, NV>(a, inputs, row, static_cast<const Vec8<T>(*)[NV]>(nullptr), x);
     T* dst = result_half<T>(a, a.rank, epoch) + row * a.hidden;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -286,9 +339,10 @@ __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_two_shot(cons
     for (int p = 0; p < a.world; ++p) {
       const int64_t row = p * chunk + i;
       if (row >= a.rows) continue;
+      load_residual<T, NV>(a, row, rin);
       float x[NV][kVec];
       load_reduced_row<T, NV>(a, p, row, epoch, x);
-      norm_row<T, NV, QUANT>(a, row, x, inv_scale, smem);
+      norm_row<T, NV, QUANT>(a, row, x, rin, win, inv_scale, smem);
     }
   finish_call(a, epoch);
 }

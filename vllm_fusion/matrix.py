@@ -29,12 +29,14 @@ class TokenRange:
 
 @dataclass(frozen=True)
 class AllReduceSizes:
-    """Where a fused all-reduce runs for one (platform, TP size): messages up to ``max_bytes``,
-    the one-shot kernel up to ``one_shot_bytes`` and the two-shot kernel above."""
+    """Where a fused all-reduce runs for one (platform, TP size): messages from ``min_bytes`` up
+    to ``max_bytes`` (smaller ones are faster unfused), the one-shot kernel up to
+    ``one_shot_bytes`` and the two-shot kernel above."""
 
     max_bytes: int
     one_shot_bytes: int
     measured: str = ""
+    min_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,8 @@ def _rocm_row(raw: dict, where: str, schemes: dict) -> RocmRow:
 
 
 def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]]:
-    """``[<fusion>.message_sizes.<platform>]``: ``tp<N> = {max_mib, one_shot_mib}`` rows and
-    the ``measured`` text they come from."""
+    """``[<fusion>.message_sizes.<platform>]``: ``tp<N> = {min_mib, max_mib, one_shot_mib}``
+    rows and the ``measured`` text they come from."""
     tables = {}
     for pid, table in raw.items():
         measured = table.get("measured", "")
@@ -173,7 +175,10 @@ def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]
                 raise MatrixError(f"{where}.{pid}: keys are tp<N> or measured, got {key!r}")
             max_bytes = int(float(row["max_mib"]) * 2**20)
             one_shot = min(int(float(row["one_shot_mib"]) * 2**20), max_bytes)
-            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot, measured)
+            min_bytes = int(float(row.get("min_mib", 0)) * 2**20)
+            if min_bytes > max_bytes:
+                raise MatrixError(f"{where}.{pid}.{key}: min_mib above max_mib")
+            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot, measured, min_bytes)
         tables[pid] = sizes
     return tables
 

@@ -84,8 +84,16 @@ class _Groups:
 
 
 def _norm_fn():
+    """The RMSNorm as Inductor compiles vLLM's native fused_add_rms_norm (one kernel)."""
     from vllm_fusion.ops.norm_quant import fused_add_rms_norm_ref
 
+    # One compiled graph per shape: never fall back to eager after the default recompile limit.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
     return torch.compile(fused_add_rms_norm_ref, dynamic=False)
 
 

@@ -56,7 +56,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _allocate(device_group: dist.ProcessGroup, capacity: int,
-              device: torch.device) -> AllReduceWorkspace:
+              device: torch.device) -> torch.Tensor:
+    """This rank's symmetric buffer, flags zeroed (local: no collective yet)."""
     import torch.distributed._symmetric_memory as symm_mem
 
     group_name = device_group.group_name
@@ -68,13 +69,20 @@ def _allocate(device_group: dist.ProcessGroup, capacity: int,
     buffer[:flags].zero_()
     # Zeroed before this rank joins: peers signal only after the rendezvous.
     torch.cuda.synchronize(device)
-    handle = symm_mem.rendezvous(buffer, group_name)
-    buffers = [int(p) for p in handle.buffer_ptrs]
+    return buffer
+
+
+def _map_peers(buffer: torch.Tensor, device_group: dist.ProcessGroup,
+               capacity: int) -> AllReduceWorkspace:
+    """The rendezvous (collective): every rank's buffer mapped into this process."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    handle = symm_mem.rendezvous(buffer, device_group.group_name)
     return AllReduceWorkspace(
         buffer=buffer,
         handle=handle,
-        buffers=buffers,
-        counter=torch.zeros(2, dtype=torch.int64, device=device),
+        buffers=[int(p) for p in handle.buffer_ptrs],
+        counter=torch.zeros(2, dtype=torch.int64, device=buffer.device),
         rank=dist.get_rank(device_group),
         world_size=dist.get_world_size(device_group),
         capacity=capacity,
@@ -91,6 +99,27 @@ def _all_ranks_agree(ok: bool, cpu_group: dist.ProcessGroup | None,
         flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=device_group)
     return bool(flag.item())
+
+
+def _make(device_group, capacity, device,
+          cpu_group) -> tuple[AllReduceWorkspace | None, str]:
+    """(workspace or None, why not). Allocation, then the rendezvous, each entered only once
+    every rank managed the step before: a rank that cannot allocate never leaves the others
+    waiting in a collective."""
+    buffer, workspace, error = None, None, "failed on another rank"
+    try:
+        buffer = _allocate(device_group, capacity, device)
+    except Exception as e:  # reported by the caller, after the ranks agree
+        error = f"{type(e).__name__}: {e}"
+    if not _all_ranks_agree(buffer is not None, cpu_group, device_group, device):
+        return None, error
+    try:
+        workspace = _map_peers(buffer, device_group, capacity)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    if not _all_ranks_agree(workspace is not None, cpu_group, device_group, device):
+        return None, error
+    return workspace, ""
 
 
 def get_workspace(key: str, device_group: dist.ProcessGroup, capacity: int,
@@ -112,17 +141,11 @@ def get_workspace(key: str, device_group: dist.ProcessGroup, capacity: int,
                     "CUDA graph capture; that graph runs the unfused all-reduce", key)
             return None
         capacity = _round_up(max(capacity, 16), 16)
-        workspace, error = None, None
-        try:
-            workspace = _allocate(device_group, capacity, device)
-        except Exception as e:  # reported below, after the ranks agree
-            error = e
-        if not _all_ranks_agree(error is None, cpu_group, device_group, device):
-            workspace = None
+        workspace, error = _make(device_group, capacity, device, cpu_group)
+        if workspace is None:
             logger.warning(
                 "vllm_fusion: could not set up the fused all-reduce workspace of group %s "
-                "(%s); running the unfused all-reduce + RMSNorm there", key,
-                f"{type(error).__name__}: {error}" if error else "failed on another rank")
+                "(%s); running the unfused all-reduce + RMSNorm there", key, error)
         else:
             logger.info(
                 "vllm_fusion: fused all-reduce workspace for group %s: %d ranks, %.1f MiB "

@@ -54,7 +54,8 @@ def message_sizes(platform: str, tp: int,
         return AllReduceSizes(max_bytes, min(DEFAULT_ONE_SHOT_BYTES, max_bytes), "user limit")
     if override_mib is not None:
         max_bytes = int(override_mib * 2**20)
-        return AllReduceSizes(max_bytes, min(sizes.one_shot_bytes, max_bytes), sizes.measured)
+        return AllReduceSizes(max_bytes, min(sizes.one_shot_bytes, max_bytes), sizes.measured,
+                              min(sizes.min_bytes, max_bytes))
     return sizes
 
 
@@ -179,7 +180,7 @@ class AllReduceFusionPass(FusionPass):
     def __init__(self, config: VllmConfig, settings: FusionSettings):
         super().__init__(config, settings)
         self.tp_size = config.parallel_config.tensor_parallel_size
-        self.max_tokens = 0
+        self.min_tokens = self.max_tokens = 0
         if self.tp_size < 2:
             logger.debug("vllm_fusion: %s needs TP > 1; nothing to fuse", self.flag)
             return
@@ -188,7 +189,7 @@ class AllReduceFusionPass(FusionPass):
         self.sizes = message_sizes(settings.platform, self.tp_size, override)
         if self.sizes is None:  # the resolver keeps the flag off there; be safe anyway
             return
-        self.max_tokens = max_token_num(config, self.sizes)
+        self.min_tokens, self.max_tokens = token_bounds(config, self.sizes)
         dtype = self.pattern_dtype()
         group_name = tp_group_name()
         schemes = [FP8_STATIC] if settings.fuses_scheme(self.flag, FP8_STATIC.family) else []
@@ -201,13 +202,14 @@ class AllReduceFusionPass(FusionPass):
         self.dump_patterns(config, self.pm_pass)
 
     def is_applicable_for_range(self, compile_range) -> bool:
-        """Only ranges whose largest message fits the measured threshold."""
-        return self.max_tokens > 0 and compile_range.end <= self.max_tokens and \
-            super().is_applicable_for_range(compile_range)
+        """Only ranges whose messages all lie where the fused kernel measured faster."""
+        return (self.max_tokens > 0 and self.min_tokens <= compile_range.start
+                and compile_range.end <= self.max_tokens
+                and super().is_applicable_for_range(compile_range))
 
 
-def max_token_num(config: VllmConfig, sizes: AllReduceSizes) -> int:
-    """Largest token count whose message fits ``sizes.max_bytes`` for this model."""
+def token_bounds(config: VllmConfig, sizes: AllReduceSizes) -> tuple[int, int]:
+    """(smallest, largest) token count whose message lies in ``sizes`` for this model."""
     model = config.model_config
-    hidden = model.get_hidden_size()
-    return sizes.max_bytes // (hidden * model.dtype.itemsize)
+    row_bytes = model.get_hidden_size() * model.dtype.itemsize
+    return -(-sizes.min_bytes // row_bytes), sizes.max_bytes // row_bytes

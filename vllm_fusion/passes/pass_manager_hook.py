@@ -380,31 +380,30 @@ def install_splitting_ops_hook() -> None:
     VllmConfig.__post_init__ = __post_init__
 
 
-def allreduce_max_mib(vllm_config) -> float | None:
-    """The package's fused all-reduce message limit (MiB) for this config when its
-    ``fuse_allreduce_rms`` runs here and the user set no limit; else None."""
+def allreduce_sizes(vllm_config):
+    """The package's fused all-reduce message sizes for this config when its
+    ``fuse_allreduce_rms`` runs here; else None."""
     from vllm_fusion.passes.allreduce_rms_fusion import FLAG, message_sizes
     from vllm_fusion.resolver import Setup, resolve_fusion
 
     pass_config = vllm_config.compilation_config.pass_config
-    if not getattr(pass_config, FLAG, False) or \
-            getattr(pass_config, "fi_allreduce_fusion_max_size_mb", None) is not None:
+    if not getattr(pass_config, FLAG, False) or vllm_config.model_config is None:
         return None
     setup = Setup.from_vllm_config(vllm_config)
     decision = resolve_fusion(FLAG, setup)
     if not decision.enabled or decision.route != "vllm_fusion":
         return None
-    sizes = message_sizes(setup.platform, setup.tp)
-    return None if sizes is None else sizes.max_bytes / 2**20
+    return message_sizes(setup.platform, setup.tp, setup.allreduce_max_mib)
 
 
 def install_compile_ranges_hook() -> None:
-    """Add the fused all-reduce's size threshold to vLLM's compile-range endpoints.
+    """Add the fused all-reduce's size thresholds to vLLM's compile-range endpoints.
 
     vLLM 0.26 adds an endpoint for ``fuse_allreduce_rms`` from
     ``pass_config.fi_allreduce_fusion_max_size_mb`` (or FlashInfer's own table); the package's
-    limit is put there while vLLM computes the ranges, so the range below it is compiled
-    separately and the pass can fire there."""
+    limit is put there while vLLM computes the ranges. Its lower limit (below which vLLM's
+    all-reduce + a separate norm are faster) becomes an endpoint too, so the range where the
+    fused kernel wins is compiled on its own and the pass fires exactly there."""
     from vllm.config import VllmConfig
 
     original = getattr(VllmConfig, "_set_compile_ranges", None)
@@ -414,22 +413,29 @@ def install_compile_ranges_hook() -> None:
     @functools.wraps(original)
     def _set_compile_ranges(self) -> None:
         try:
-            max_mib = allreduce_max_mib(self)
+            sizes = allreduce_sizes(self)
         except FusionConfigError:
             raise
         except Exception as e:  # never stop vLLM: its own ranges
             logger.warning("vllm_fusion: could not size the fused all-reduce (%s: %s)",
                            type(e).__name__, e)
-            max_mib = None
-        if max_mib is None:
+            sizes = None
+        if sizes is None:
             original(self)
             return
-        pass_config = self.compilation_config.pass_config
-        pass_config.fi_allreduce_fusion_max_size_mb = max_mib
+        compilation = self.compilation_config
+        pass_config = compilation.pass_config
+        user_limit = pass_config.fi_allreduce_fusion_max_size_mb
+        row_bytes = self.model_config.get_hidden_size() * self.model_config.dtype.itemsize
+        min_tokens = -(-sizes.min_bytes // row_bytes)
+        if min_tokens > 1:
+            compilation.compile_ranges_endpoints = [
+                *(compilation.compile_ranges_endpoints or []), min_tokens - 1]
+        pass_config.fi_allreduce_fusion_max_size_mb = sizes.max_bytes / 2**20
         try:
             original(self)
         finally:
-            pass_config.fi_allreduce_fusion_max_size_mb = None
+            pass_config.fi_allreduce_fusion_max_size_mb = user_limit
 
     setattr(_set_compile_ranges, _WRAPPED, True)
     VllmConfig._set_compile_ranges = _set_compile_ranges
