@@ -219,6 +219,73 @@ BAD_CALLS += (
 )
 
 
+# all_reduce_rms_norm: 4 tokens, hidden 256, TP2 rank 0, 16 KiB workspace halves. The buffer
+# addresses are never dereferenced: every case below fails a check before any launch.
+def _all_reduce(d: str, **over) -> tuple:
+    """Arguments of a valid all_reduce_rms_norm call, ``over`` replacing some (by name)."""
+    args = dict(
+        input=_t(d, 4, 256), residual=_t(d, 4, 256), weight=_t(d, 256), epsilon=1e-6,
+        scale=None, buffers=[1 << 20, 2 << 20],
+        counter=torch.zeros(2, dtype=torch.int64, device=d), rank=0, capacity=16384,
+        two_shot=False,
+    )
+    args.update(over)
+    return tuple(args.values())
+
+
+AR = "all_reduce_rms_norm"
+BAD_CALLS += (
+    BadCall("ar-input-fp32", AR,
+            lambda d: _all_reduce(d, input=_t(d, 4, 256, dtype=FP32), residual=None,
+                                  weight=_t(d, 256, dtype=FP32)),
+            "input must be bfloat16 or float16, got float32"),
+    BadCall("ar-input-not-contiguous", AR,
+            lambda d: _all_reduce(d, input=_t(d, 8, 256)[::2]),
+            "input must be contiguous"),
+    BadCall("ar-residual-not-contiguous", AR,
+            lambda d: _all_reduce(d, residual=_t(d, 8, 256)[::2]),
+            "residual must be contiguous"),
+    BadCall("ar-residual-shape", AR, lambda d: _all_reduce(d, residual=_t(d, 3, 256)),
+            "residual must have the same shape as input"),
+    BadCall("ar-weight-dtype", AR, lambda d: _all_reduce(d, weight=_t(d, 256, dtype=FP16)),
+            "weight must have the same dtype as input (bfloat16), got float16"),
+    BadCall("ar-scale-dtype", AR, lambda d: _all_reduce(d, scale=_scale(d, BF16)),
+            "scale must be a float32 tensor, got bfloat16"),
+    BadCall("ar-hidden-not-multiple-of-8", AR,
+            lambda d: _all_reduce(d, input=_t(d, 4, 204), residual=_t(d, 4, 204),
+                                  weight=_t(d, 204)),
+            "the last dim of input must be a multiple of 8 and at most 16384, got 204"),
+    BadCall("ar-hidden-too-large", AR,
+            lambda d: _all_reduce(d, input=_t(d, 1, 16392), residual=None,
+                                  weight=_t(d, 16392), capacity=1 << 16),
+            "the last dim of input must be a multiple of 8 and at most 16384, got 16392"),
+    BadCall("ar-one-buffer", AR, lambda d: _all_reduce(d, buffers=[1 << 20]),
+            "buffers must hold one address per rank, 2 to 8 ranks, got 1"),
+    BadCall("ar-nine-buffers", AR,
+            lambda d: _all_reduce(d, buffers=[(i + 1) << 20 for i in range(9)]),
+            "buffers must hold one address per rank, 2 to 8 ranks, got 9"),
+    BadCall("ar-rank-out-of-range", AR, lambda d: _all_reduce(d, rank=2),
+            "rank must be in [0, 2), got 2"),
+    BadCall("ar-negative-rank", AR, lambda d: _all_reduce(d, rank=-1),
+            "rank must be in [0, 2), got -1"),
+    BadCall("ar-unaligned-buffer", AR, lambda d: _all_reduce(d, buffers=[1 << 20, (2 << 20) + 8]),
+            "every buffer address must be 16-byte aligned"),
+    BadCall("ar-null-buffer", AR, lambda d: _all_reduce(d, buffers=[1 << 20, 0]),
+            "every buffer address must be 16-byte aligned"),
+    BadCall("ar-capacity-unaligned", AR, lambda d: _all_reduce(d, capacity=1000),
+            "capacity must be a positive multiple of 16 bytes, got 1000"),
+    BadCall("ar-counter-dtype", AR,
+            lambda d: _all_reduce(d, counter=torch.zeros(2, dtype=torch.int32, device=d)),
+            "counter must be an int64 tensor of at least 2 elements"),
+    BadCall("ar-counter-one-element", AR,
+            lambda d: _all_reduce(d, counter=torch.zeros(1, dtype=torch.int64, device=d)),
+            "counter must be an int64 tensor of at least 2 elements"),
+    BadCall("ar-capacity-too-small", AR,
+            lambda d: _all_reduce(d, input=_t(d, 40, 256), residual=_t(d, 40, 256)),
+            "40 x 256 elements do not fit the workspace (16384 bytes)"),
+)
+
+
 # One valid call per op that runs on any GPU, for tests that only need the op to run.
 VALID_CALLS: dict[str, Callable[[str], tuple]] = {
     "rms_norm_static_fp8_quant": lambda d: (_t(d, 4, 256), _t(d, 256), _scale(d), 1e-6),

@@ -10,6 +10,10 @@ from vllm_fusion.matrix import ALL_SCHEMES, RocmRow, load_full_matrix
 from vllm_fusion.resolver import LEVELS, resolve_fusion, simulated_setup
 
 
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MiB"
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -126,6 +130,17 @@ def render_markdown() -> str:
                 else "-"
             add(f"| `{sid}` | {supported} | {_cell(v.reason)} | {default} | {_cell(v.measured)} |")
         add("")
+        if cap.message_sizes:
+            add("| platform | TP | fused messages up to | one-shot kernel up to | measurement |")
+            add("|---|---|---|---|---|")
+            for pid, by_tp in cap.message_sizes.items():
+                for tp, sizes in sorted(by_tp.items()):
+                    add(f"| `{pid}` | {tp} | {_mib(sizes.max_bytes)} | "
+                        f"{_mib(sizes.one_shot_bytes)} | {_cell(sizes.measured)} |")
+            add("")
+            add("Other CUDA platforms and TP sizes: off unless "
+                "`pass_config.fi_allreduce_fusion_max_size_mb` is set.")
+            add("")
         if cap.tokens:
             add("| platform | num_tokens | measurement |")
             add("|---|---|---|")

@@ -74,3 +74,17 @@ def test_odd_hidden_sizes_are_fused(scheme):
     # Widths that are not a multiple of the 16-byte vector take the kernels' scalar path.
     result = compile_stack(scheme, hidden=203, intermediate=101)
     assert result.matches == {NORM_PASS: 4, ACT_PASS: 2}
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_all_reduce_base_call_passes_the_checks(scale):
+    # Each all_reduce_rms_norm bad case changes one argument of this call.
+    from tests.kernel_input_cases import _all_reduce
+    from vllm_fusion.ops import fp8_dtype
+
+    with FakeTensorMode():
+        args = _all_reduce("cuda", scale=torch.ones(1, device="cuda") if scale else None)
+        out, residual_out = torch.ops.vllm_fusion.all_reduce_rms_norm(*args)
+    assert out.shape == residual_out.shape == (4, 256)
+    assert out.dtype == (fp8_dtype(out.device) if scale else torch.bfloat16)
+    assert residual_out.dtype == torch.bfloat16

@@ -32,7 +32,9 @@ PROBE = textwrap.dedent(
     import vllm.envs as envs
     hooked_before_import = hook.is_pass_manager_hooked()
     from vllm.compilation.passes.pass_manager import PostGradPassManager
+    from vllm.config import VllmConfig
     print("RESULT " + json.dumps({{
+        "compile_ranges_wrapped": getattr(VllmConfig._set_compile_ranges, hook._WRAPPED, False),
         "count": plugin.registration_count,
         "hooked_before_import": hooked_before_import,
         "configure_wrapped": hook.is_pass_manager_hooked(),
@@ -72,6 +74,7 @@ def test_vllm_loads_plugin_once_and_installs_hooks():
     # The pass-manager wrap waits for vLLM to import its module, then applies.
     assert result["hooked_before_import"] is True
     assert result["configure_wrapped"] is True
+    assert result["compile_ranges_wrapped"] is True  # fuse_allreduce_rms's size threshold
     assert result["factors"] == [
         "VLLM_FUSION_KERNELS", "VLLM_FUSION_SETTINGS", "VLLM_FUSION_VERSION",
     ]
@@ -79,7 +82,8 @@ def test_vllm_loads_plugin_once_and_installs_hooks():
 
     info = [l for l in output.splitlines() if f"vllm_fusion {__version__}:" in l]
     assert len(info) == 1, output[-2000:]
-    assert "INFO" in info[0] and "fusions: fuse_act_padding, fuse_norm_quant, fuse_act_quant" in info[0]
+    assert "INFO" in info[0]
+    assert "fusions: fuse_act_padding, fuse_allreduce_rms, fuse_norm_quant, fuse_act_quant" in info[0]
 
 
 @pytest.mark.parametrize(

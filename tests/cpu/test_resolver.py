@@ -21,13 +21,16 @@ QUANT_OWNED = ("fuse_norm_quant", "fuse_act_quant")
 # Not measured end to end yet: off by default at every level.
 ROPE_OWNED = ("fuse_rope_kvcache", "enable_qk_norm_rope_fusion")
 OWNED = ("fuse_act_padding", *QUANT_OWNED, *ROPE_OWNED)
+# The package's pass, gated by its measured message sizes (vLLM's AITER pass on ROCm).
+AR_OWNED = "fuse_allreduce_rms"
 
 # Expectations written out independently of matrix.toml.
 FP8_PLATFORMS = {"sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950"}
 # Schemes the package fuses by default (the H100 verdicts, inherited elsewhere).
 WINS = {"fuse_norm_quant": {"fp8-group"}, "fuse_act_quant": {"fp8-per-token", "fp8-group"}}
-# vLLM 0.26 fuses the all-reduce on ROCm only through AITER, which it enables on MI300/MI350.
-AR_PLATFORMS = {"sm90", "sm100", "gfx942", "gfx950"}
+# Where the fused all-reduce runs by default at TP2: CUDA platforms with a measured TP2
+# message-size threshold (sm90), and vLLM's AITER pass on MI300/MI350.
+AR_PLATFORMS = {"sm90", "gfx942", "gfx950"}
 # Where the package's norm+pad kernel is built (fused for every scheme: it beat Inductor on H100).
 PAD_PLATFORMS = {"sm80", "sm89", "sm90", "sm100", "gfx90a", "gfx942", "gfx950"}
 # Schemes that vLLM's AITER passes fuse on MI300/MI350 (AITER is assumed installed there).
@@ -43,7 +46,7 @@ def expected_enabled(flag: str, platform: str, tp: int, level: int) -> bool:
         return False
     if flag in OWNED:
         return level >= 1 and platform in FP8_PLATFORMS
-    if flag == "fuse_allreduce_rms":  # vLLM 0.26: enable_allreduce_rms_fusion at -O2+
+    if flag == AR_OWNED:  # -O2+, TP>1, where a threshold was measured (or AITER runs it)
         return level >= 2 and tp > 1 and platform in AR_PLATFORMS
     # Off by default everywhere in vLLM 0.26.
     return False
@@ -69,7 +72,7 @@ def test_matrix_has_the_nine_fusions_every_platform_and_scheme():
     assert tuple(m.schemes) == SCHEMES
     for flag, cap in m.fusions.items():
         assert set(cap.schemes) == set(SCHEMES), flag
-        assert cap.implementation == ("vllm_fusion" if flag in OWNED else "vllm")
+        assert cap.implementation == ("vllm_fusion" if flag in (*OWNED, AR_OWNED) else "vllm")
         assert cap.unsupported and cap.fuses and cap.default
         for verdict in cap.schemes.values():
             assert verdict.reason
@@ -115,8 +118,8 @@ def test_explicit_false_always_wins(platform, tp, scheme, level):
     ("enable_qk_norm_rope_fusion", "cpu", 1, "built for CUDA SM80+ and ROCm only"),
     ("fuse_act_padding", "sm120", 1, "not SM120"),
     ("fuse_allreduce_rms", "sm90", 1, "needs TP>=2"),
-    ("fuse_allreduce_rms", "sm80", 2, "FI_ALLREDUCE_FUSION_MAX_SIZE_MB"),
-    ("fuse_allreduce_rms", "sm90", 3, "TP in (2, 4, 8, 16)"),
+    ("fuse_allreduce_rms", "sm80", 2, "fi_allreduce_fusion_max_size_mb"),
+    ("fuse_allreduce_rms", "sm90", 3, "no measured message-size threshold for TP=3"),
     ("enable_sp", "sm90", 1, "needs TP>=2"),
     ("enable_sp", "gfx942", 2, "SP_MIN_HIDDEN_SIZE"),
     ("fuse_gemm_comms", "sm89", 2, "symmetric memory"),
@@ -161,8 +164,9 @@ def test_explicit_true_beats_level_and_default_off():
 
 
 def test_missing_requirements_turn_vllm_defaults_off():
-    assert not resolve_fusion("fuse_allreduce_rms",
-                              simulated_setup("sm90", tp=2, has_flashinfer=False)).enabled
+    # The package's all-reduce needs no FlashInfer; vLLM's AITER pass needs AITER.
+    assert resolve_fusion("fuse_allreduce_rms",
+                          simulated_setup("sm90", tp=2, has_flashinfer=False)).enabled
     assert not resolve_fusion("fuse_allreduce_rms",
                               simulated_setup("gfx942", tp=2, has_aiter=False)).enabled
     d = resolve_fusion("enable_qk_norm_rope_fusion",
@@ -241,9 +245,9 @@ def test_package_options_in_the_decision():
     ({"schemes": {"fuse_norm_quant": ["fp8-bogus"]}},
      'additional_config["vllm_fusion"]["schemes"]["fuse_norm_quant"] must be a list of scheme '
      "families from fp8-static, fp8-per-token, fp8-group"),
-    ({"schemes": {"fuse_allreduce_rms": []}},
-     "unknown fusion 'fuse_allreduce_rms' in additional_config[\"vllm_fusion\"][\"schemes\"]; "
-     "allowed: fuse_act_padding, fuse_norm_quant, fuse_act_quant"),
+    ({"schemes": {"fuse_attn_quant": []}},
+     "unknown fusion 'fuse_attn_quant' in additional_config[\"vllm_fusion\"][\"schemes\"]; "
+     "allowed: fuse_act_padding, fuse_allreduce_rms, fuse_norm_quant, fuse_act_quant"),
     ({"schemes": ["fp8-group"]},
      'additional_config["vllm_fusion"]["schemes"] must be object, got'),
     ({"token_range": {"fuse_act_quant": [0, 10]}},

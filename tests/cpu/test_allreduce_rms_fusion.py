@@ -1,0 +1,332 @@
+"""fuse_allreduce_rms on a simulated TP2 decoder stack built from vLLM 0.26's layers: every
+``vllm.all_reduce`` followed by ``RMSNorm`` (with or without residual, with or without a
+static ``QuantFP8``) becomes one ``vllm_fusion::fused_all_reduce_rms_norm``; what the kernel
+cannot take stays unfused; the resolver's gate, the compile-range endpoint and the op's fake."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tests.cpu.compile_harness import local_model_dir, run_post_grad_passes
+from tests.cpu.models import make_quant
+
+AR_PASS = "vllm_fusion:AllReduceFusionPass"
+FUSED = "vllm_fusion.fused_all_reduce_rms_norm.default"
+ALL_REDUCE = "vllm.all_reduce.default"
+RMS_NORM = "vllm_ir.rms_norm.default"
+ADD_RMS_NORM = "vllm_ir.fused_add_rms_norm.default"
+STATIC_QUANT = "_C.static_scaled_fp8_quant.default"
+# What vLLM's IR lowering (after the passes) turns a remaining norm into.
+RSQRT = "aten.rsqrt.default"
+GROUP = "tp:0"
+
+
+def _simulate_gpus(count: int) -> None:
+    """ParallelConfig checks the world size against the node's GPU count."""
+    from vllm.platforms import current_platform
+
+    type(current_platform).device_count = classmethod(lambda cls: count)
+
+
+@pytest.fixture(autouse=True)
+def hooked(kernels, monkeypatch):
+    from vllm_fusion.passes import allreduce_rms_fusion
+    from vllm_fusion.passes.pass_manager_hook import (
+        install_compile_ranges_hook,
+        install_pass_manager_hook,
+    )
+
+    _simulate_gpus(8)
+    # No TP group on CPU: the name vLLM's all_reduce nodes carry.
+    monkeypatch.setattr(allreduce_rms_fusion, "tp_group_name", lambda: GROUP)
+    install_pass_manager_hook()
+    install_compile_ranges_hook()
+
+
+def make_tp_config(*, tp: int = 2, dtype=torch.bfloat16, custom_ops=(), pass_config=None,
+                   optimization_level: int | None = None, **model_overrides):
+    """A VllmConfig of a tiny local model compiled with TP ``tp``."""
+    from vllm.config import (
+        CompilationConfig,
+        CompilationMode,
+        ModelConfig,
+        ParallelConfig,
+        PassConfig,
+        VllmConfig,
+    )
+
+    model = local_model_dir(**model_overrides)
+    kwargs = {} if optimization_level is None else {"optimization_level": optimization_level}
+    return VllmConfig(
+        model_config=ModelConfig(model=model, tokenizer=model, dtype=dtype,
+                                 skip_tokenizer_init=True),
+        compilation_config=CompilationConfig(
+            mode=CompilationMode.VLLM_COMPILE, custom_ops=list(custom_ops),
+            pass_config=PassConfig(**(pass_config or {}))),
+        parallel_config=ParallelConfig(tensor_parallel_size=tp),
+        **kwargs,
+    )
+
+
+class AllReduceDecoderStack(torch.nn.Module):
+    """``num_layers`` Llama decoder layers under TP reduced to their all-reduce sites.
+
+    The embedding's all-reduce feeds the first input RMSNorm (no residual: the reduced value
+    becomes the residual); each row-parallel GEMM stand-in (attention's o_proj, the MLP's
+    down_proj) ends in ``vllm.all_reduce`` followed by a fused-add RMSNorm; the final norm's
+    residual output is unused. With ``quant``, each norm but the last feeds a static QuantFP8.
+    That is 1 + 2 * num_layers sites: one plain, the last without residual output.
+    """
+
+    def __init__(self, hidden: int, dtype: torch.dtype, eps: float, quant: bool,
+                 num_layers: int = 2):
+        super().__init__()
+        from vllm.model_executor.layers.layernorm import RMSNorm
+
+        self.dtype = dtype
+        self.num_layers = num_layers
+        self.norms = torch.nn.ModuleList(
+            RMSNorm(hidden, eps=eps, dtype=dtype) for _ in range(2 * num_layers + 1))
+        self.quant = make_quant("fp8-static") if quant else None
+        self.w_attn = torch.nn.Parameter(torch.randn(hidden, hidden, dtype=dtype), False)
+        self.w_mlp = torch.nn.Parameter(torch.randn(hidden, hidden, dtype=dtype), False)
+        self.scale = torch.nn.Parameter(torch.rand(1, dtype=torch.float32) + 0.5, False)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.vllm.all_reduce(x, group_name=GROUP)
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            q, scale = self.quant(x, self.scale)
+            x = q.to(self.dtype) * scale.to(self.dtype)
+        return self.all_reduce(x @ weight)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.all_reduce(embeds), None
+        for layer in range(self.num_layers):
+            norm_in, norm_post = self.norms[2 * layer], self.norms[2 * layer + 1]
+            if residual is None:
+                residual = hidden_states
+                hidden_states = norm_in(hidden_states)
+            else:
+                hidden_states, residual = norm_in(hidden_states, residual)
+            hidden_states = self.row_parallel(hidden_states, self.w_attn)
+            hidden_states, residual = norm_post(hidden_states, residual)
+            hidden_states = self.row_parallel(hidden_states, self.w_mlp)
+        hidden_states, _ = self.norms[-1](hidden_states, residual)
+        return hidden_states
+
+
+def compile_stack(*, tp=2, quant=False, custom=True, dtype=torch.bfloat16, eps=1e-6,
+                  hidden=256, num_layers=2, compile_range=(1, 8192), pass_config=None):
+    config = make_tp_config(
+        tp=tp, dtype=dtype, custom_ops=["+quant_fp8" if custom else "-quant_fp8"],
+        pass_config={"fuse_allreduce_rms": True} if pass_config is None else pass_config,
+        hidden_size=hidden)
+    return run_post_grad_passes(
+        lambda: AllReduceDecoderStack(hidden, dtype, eps, quant, num_layers),
+        lambda: [torch.empty(7, hidden, dtype=dtype)],
+        config,
+        compile_range=compile_range,
+    )
+
+
+def fused_args(result) -> list[list[str]]:
+    """The arguments of each fused node, as the post-grad graph prints them."""
+    marker = "fused_all_reduce_rms_norm.default](args = ("
+    return [line.split(marker, 1)[1].split("), kwargs")[0].split(", ")
+            for line in result.graph_after.splitlines() if marker in line]
+
+
+def assert_unfused(result, num_layers=2, *, pass_runs=True):
+    """Nothing fused; ``pass_runs``: the pass is in vLLM's list (it ran and refused)."""
+    sites = 1 + 2 * num_layers
+    assert (AR_PASS in result.passes) == pass_runs, result.passes
+    assert result.matches.get(AR_PASS, 0) == 0
+    assert result.count(FUSED) == 0
+    assert result.count(ALL_REDUCE) == sites
+    assert result.count(RSQRT) == sites  # every norm lowered by vLLM
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_every_all_reduce_norm_site_is_fused(eps, dtype):
+    result = compile_stack(eps=eps, dtype=dtype)
+
+    assert AR_PASS in result.passes
+    # 2 layers: the embedding's site (rms_norm), 3 fused-add sites, the final norm.
+    assert result.matches[AR_PASS] == 5
+    assert result.count(ALL_REDUCE, after=False) == 5
+    assert result.count(RMS_NORM, after=False) == 1
+    assert result.count(ADD_RMS_NORM, after=False) == 4
+    assert result.count(FUSED) == 5
+    for op in (ALL_REDUCE, RMS_NORM, ADD_RMS_NORM, RSQRT):
+        assert result.count(op) == 0, op
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_match_count_follows_the_layers(num_layers):
+    result = compile_stack(num_layers=num_layers)
+    assert result.matches[AR_PASS] == 1 + 2 * num_layers
+    assert result.count(FUSED) == 1 + 2 * num_layers
+    assert result.count(ALL_REDUCE) == 0
+
+
+@pytest.mark.parametrize("custom", [True, False], ids=["custom-op", "native"])
+def test_static_fp8_quant_is_fused_into_the_epilogue(custom):
+    result = compile_stack(quant=True, custom=custom)
+
+    assert result.matches[AR_PASS] == 5
+    assert result.count(FUSED) == 5
+    assert result.count(ALL_REDUCE) == 0
+    assert result.count(RSQRT) == 0
+    if custom:
+        assert result.count(STATIC_QUANT, after=False) == 4
+    # The 4 quantizing sites (all but the final norm) carry the scale: nothing quantizes apart.
+    assert result.count(STATIC_QUANT) == 0
+    assert result.count("aten.reciprocal.default") == 0
+    args = fused_args(result)
+    assert len(args) == 5, args
+    assert sum(a[4] != "None" for a in args) == 4, args  # the scale
+    assert sum(a[1] == "None" for a in args) == 1, args  # the residual: first site only
+
+
+def test_tp1_fuses_nothing():
+    assert_unfused(compile_stack(tp=1), pass_runs=False)
+
+
+def test_float32_model_is_left_unfused():
+    # The kernel takes 16-bit activations only.
+    assert_unfused(compile_stack(dtype=torch.float32))
+
+
+def test_hidden_not_a_multiple_of_8_is_left_unfused():
+    # The kernel moves 16-byte vectors: hidden must be a multiple of 8.
+    assert_unfused(compile_stack(hidden=204))
+
+
+def test_flag_off_fuses_nothing():
+    result = compile_stack(pass_config={"fuse_allreduce_rms": False})
+    assert AR_PASS not in result.passes
+    assert result.count(ALL_REDUCE) == 5
+
+
+def test_range_beyond_the_threshold_is_left_unfused():
+    # sm90 TP2: 8 MiB messages, hidden 256 bf16 -> 16384 tokens.
+    assert_unfused(compile_stack(compile_range=(16385, 32768)))
+
+
+def test_is_applicable_for_range_stops_at_the_threshold():
+    from vllm.config.utils import Range
+
+    result = compile_stack()
+    (ar_pass,) = [p for p in result.manager.passes if type(p).__name__ == "AllReduceFusionPass"]
+    limit = 8 * 2**20 // (256 * 2)
+    assert ar_pass.max_tokens == limit
+    assert ar_pass.is_applicable_for_range(Range(start=1, end=limit))
+    assert ar_pass.is_applicable_for_range(Range(start=limit, end=limit))
+    assert not ar_pass.is_applicable_for_range(Range(start=1, end=limit + 1))
+
+
+def test_user_limit_replaces_the_threshold():
+    result = compile_stack(pass_config={"fuse_allreduce_rms": True,
+                                        "fi_allreduce_fusion_max_size_mb": 1})
+    (ar_pass,) = [p for p in result.manager.passes if type(p).__name__ == "AllReduceFusionPass"]
+    assert ar_pass.max_tokens == 2**20 // (256 * 2)
+    assert ar_pass.sizes.one_shot_bytes == 2**20
+
+
+# ---------------------------------------------------------------- resolver and compile ranges
+
+FLAG = "fuse_allreduce_rms"
+
+
+def _decide(platform, tp, **kwargs):
+    from vllm_fusion.resolver import resolve_fusion, simulated_setup
+
+    return resolve_fusion(FLAG, simulated_setup(platform, tp=tp, **kwargs))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_resolver_turns_it_on_where_a_threshold_was_measured(tp):
+    d = _decide("sm90", tp, level=2)
+    assert d.enabled and d.status == "on", d
+    assert d.implementation == "vllm_fusion" and d.route == "vllm_fusion", d
+    assert not _decide("sm90", tp, level=1).enabled
+
+
+def test_resolver_keeps_tp8_off_unless_the_user_sets_a_limit():
+    d = _decide("sm90", 8, level=2)
+    assert not d.enabled, d
+    assert "fi_allreduce_fusion_max_size_mb" in d.reason and "TP=8" in d.reason, d
+    d = _decide("sm90", 8, level=2, allreduce_max_mib=4.0)
+    assert d.enabled and d.route == "vllm_fusion", d
+
+
+def test_resolver_keeps_tp1_off():
+    d = _decide("sm90", 1, level=2)
+    assert not d.enabled and "TP" in d.reason, d
+
+
+@pytest.mark.parametrize("platform", ["gfx942", "gfx950"])
+def test_rocm_keeps_vllms_aiter_route(platform):
+    d = _decide(platform, 2, level=2, quant="fp8-group")
+    assert d.enabled and d.route == "aiter", d
+    # ROCm routes are not gated by the CUDA kernel's thresholds.
+    assert _decide(platform, 8, level=2, quant="fp8-group").route == "aiter"
+
+
+def test_compile_range_endpoint_is_the_threshold():
+    # sm90 TP2 bf16: 8 MiB / (8192 * 2 bytes) = 512 tokens, below max_num_batched_tokens.
+    config = make_tp_config(optimization_level=2, hidden_size=8192)
+    assert config.compilation_config.pass_config.fuse_allreduce_rms
+    assert 512 in config.compilation_config.compile_ranges_endpoints
+    # The limit is put in place only while vLLM computes the ranges.
+    assert config.compilation_config.pass_config.fi_allreduce_fusion_max_size_mb is None
+
+
+def test_compile_range_endpoint_comes_from_the_hook():
+    from vllm.config import VllmConfig
+
+    wrapped = VllmConfig._set_compile_ranges
+    try:
+        VllmConfig._set_compile_ranges = wrapped.__wrapped__
+        config = make_tp_config(optimization_level=2, hidden_size=8192)
+    finally:
+        VllmConfig._set_compile_ranges = wrapped
+    assert 512 not in config.compilation_config.compile_ranges_endpoints
+
+
+def test_allreduce_max_mib():
+    from vllm_fusion.passes.pass_manager_hook import allreduce_max_mib
+
+    assert allreduce_max_mib(make_tp_config(optimization_level=2)) == 8
+    assert allreduce_max_mib(make_tp_config(tp=4, optimization_level=2)) == 4
+    assert allreduce_max_mib(make_tp_config(tp=8, optimization_level=2, num_attention_heads=8,
+                                            num_key_value_heads=8)) is None
+    assert allreduce_max_mib(make_tp_config(tp=1, optimization_level=2)) is None
+    user = make_tp_config(pass_config={"fuse_allreduce_rms": True,
+                                       "fi_allreduce_fusion_max_size_mb": 2})
+    assert allreduce_max_mib(user) is None  # vLLM uses the user's limit itself
+
+
+# ---------------------------------------------------------------- the graph op's fake
+
+@pytest.mark.parametrize("with_scale", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_fused_op_fake(with_scale, with_residual):
+    import vllm_fusion.ops.fused_allreduce  # noqa: F401  (registers the op)
+    from vllm_fusion.ops import fp8_dtype
+
+    with FakeTensorMode():
+        x = torch.empty(5, 256, dtype=torch.float16, device="cuda")
+        residual = torch.empty_like(x) if with_residual else None
+        weight = torch.empty(256, dtype=torch.float16, device="cuda")
+        scale = torch.ones(1, device="cuda") if with_scale else None
+        out, residual_out = torch.ops.vllm_fusion.fused_all_reduce_rms_norm(
+            x, residual, weight, 1e-6, scale, GROUP, 8 * 2**20, 2**20)
+    assert out.shape == residual_out.shape == (5, 256)
+    assert out.dtype == (fp8_dtype(x.device) if with_scale else torch.float16)
+    assert residual_out.dtype == torch.float16
