@@ -120,7 +120,7 @@ class AllReduceDecoderStack(torch.nn.Module):
 
 
 def compile_stack(*, tp=2, quant=False, custom=True, dtype=torch.bfloat16, eps=1e-6,
-                  hidden=256, num_layers=2, compile_range=(1, 8192), pass_config=None):
+                  hidden=256, num_layers=2, compile_range=(4096, 8192), pass_config=None):
     config = make_tp_config(
         tp=tp, dtype=dtype, custom_ops=["+quant_fp8" if custom else "-quant_fp8"],
         pass_config={"fuse_allreduce_rms": True} if pass_config is None else pass_config,
@@ -213,21 +213,29 @@ def test_flag_off_fuses_nothing():
     assert result.count(ALL_REDUCE) == 5
 
 
+# sm90 TP2 (matrix): messages of 2 to 64 MiB; hidden 256 bf16 -> 4096 to 131072 tokens.
+LOWER, UPPER = 2 * 2**20 // (256 * 2), 64 * 2**20 // (256 * 2)
+
+
 def test_range_beyond_the_threshold_is_left_unfused():
-    # sm90 TP2: 8 MiB messages, hidden 256 bf16 -> 16384 tokens.
-    assert_unfused(compile_stack(compile_range=(16385, 32768)))
+    assert_unfused(compile_stack(compile_range=(UPPER + 1, 2 * UPPER)))
 
 
-def test_is_applicable_for_range_stops_at_the_threshold():
+def test_range_below_the_lower_threshold_is_left_unfused():
+    # vLLM's all-reduce + a separate norm measured faster for small messages.
+    assert_unfused(compile_stack(compile_range=(1, LOWER - 1)))
+
+
+def test_is_applicable_for_range_stops_at_the_thresholds():
     from vllm.config.utils import Range
 
     result = compile_stack()
     (ar_pass,) = [p for p in result.manager.passes if type(p).__name__ == "AllReduceFusionPass"]
-    limit = 8 * 2**20 // (256 * 2)
-    assert ar_pass.max_tokens == limit
-    assert ar_pass.is_applicable_for_range(Range(start=1, end=limit))
-    assert ar_pass.is_applicable_for_range(Range(start=limit, end=limit))
-    assert not ar_pass.is_applicable_for_range(Range(start=1, end=limit + 1))
+    assert (ar_pass.min_tokens, ar_pass.max_tokens) == (LOWER, UPPER)
+    assert ar_pass.is_applicable_for_range(Range(start=LOWER, end=UPPER))
+    assert ar_pass.is_applicable_for_range(Range(start=UPPER, end=UPPER))
+    assert not ar_pass.is_applicable_for_range(Range(start=LOWER, end=UPPER + 1))
+    assert not ar_pass.is_applicable_for_range(Range(start=LOWER - 1, end=UPPER))
 
 
 def test_user_limit_replaces_the_threshold():
@@ -236,6 +244,8 @@ def test_user_limit_replaces_the_threshold():
     (ar_pass,) = [p for p in result.manager.passes if type(p).__name__ == "AllReduceFusionPass"]
     assert ar_pass.max_tokens == 2**20 // (256 * 2)
     assert ar_pass.sizes.one_shot_bytes == 2**20
+    # Below the measured lower bound: the whole user range is fused.
+    assert ar_pass.min_tokens == 0
 
 
 # ---------------------------------------------------------------- resolver and compile ranges
@@ -249,7 +259,7 @@ def _decide(platform, tp, **kwargs):
     return resolve_fusion(FLAG, simulated_setup(platform, tp=tp, **kwargs))
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2])
 def test_resolver_turns_it_on_where_a_threshold_was_measured(tp):
     d = _decide("sm90", tp, level=2)
     assert d.enabled and d.status == "on", d
@@ -257,11 +267,12 @@ def test_resolver_turns_it_on_where_a_threshold_was_measured(tp):
     assert not _decide("sm90", tp, level=1).enabled
 
 
-def test_resolver_keeps_tp8_off_unless_the_user_sets_a_limit():
-    d = _decide("sm90", 8, level=2)
+@pytest.mark.parametrize("tp", [4, 8])
+def test_resolver_keeps_unmeasured_tp_off_unless_the_user_sets_a_limit(tp):
+    d = _decide("sm90", tp, level=2)
     assert not d.enabled, d
-    assert "fi_allreduce_fusion_max_size_mb" in d.reason and "TP=8" in d.reason, d
-    d = _decide("sm90", 8, level=2, allreduce_max_mib=4.0)
+    assert "fi_allreduce_fusion_max_size_mb" in d.reason and f"TP={tp}" in d.reason, d
+    d = _decide("sm90", tp, level=2, allreduce_max_mib=4.0)
     assert d.enabled and d.route == "vllm_fusion", d
 
 
@@ -278,11 +289,14 @@ def test_rocm_keeps_vllms_aiter_route(platform):
     assert _decide(platform, 8, level=2, quant="fp8-group").route == "aiter"
 
 
-def test_compile_range_endpoint_is_the_threshold():
-    # sm90 TP2 bf16: 8 MiB / (8192 * 2 bytes) = 512 tokens, below max_num_batched_tokens.
+def test_compile_range_endpoints_are_the_thresholds():
+    # sm90 TP2 bf16, hidden 8192 (16 KiB a token): fused from 2 MiB = 128 tokens (endpoint
+    # 127) to 64 MiB = 4096 tokens.
     config = make_tp_config(optimization_level=2, hidden_size=8192)
     assert config.compilation_config.pass_config.fuse_allreduce_rms
-    assert 512 in config.compilation_config.compile_ranges_endpoints
+    endpoints = config.compilation_config.compile_ranges_endpoints
+    assert 127 in endpoints
+    assert 4096 in endpoints or config.scheduler_config.max_num_batched_tokens <= 4096
     # The limit is put in place only while vLLM computes the ranges.
     assert config.compilation_config.pass_config.fi_allreduce_fusion_max_size_mb is None
 
@@ -296,20 +310,21 @@ def test_compile_range_endpoint_comes_from_the_hook():
         config = make_tp_config(optimization_level=2, hidden_size=8192)
     finally:
         VllmConfig._set_compile_ranges = wrapped
-    assert 512 not in config.compilation_config.compile_ranges_endpoints
+    assert 127 not in config.compilation_config.compile_ranges_endpoints
 
 
-def test_allreduce_max_mib():
-    from vllm_fusion.passes.pass_manager_hook import allreduce_max_mib
+def test_allreduce_sizes():
+    from vllm_fusion.passes.pass_manager_hook import allreduce_sizes
 
-    assert allreduce_max_mib(make_tp_config(optimization_level=2)) == 8
-    assert allreduce_max_mib(make_tp_config(tp=4, optimization_level=2)) == 4
-    assert allreduce_max_mib(make_tp_config(tp=8, optimization_level=2, num_attention_heads=8,
-                                            num_key_value_heads=8)) is None
-    assert allreduce_max_mib(make_tp_config(tp=1, optimization_level=2)) is None
+    sizes = allreduce_sizes(make_tp_config(optimization_level=2))
+    assert (sizes.min_bytes, sizes.max_bytes) == (2 * 2**20, 64 * 2**20)
+    assert allreduce_sizes(make_tp_config(tp=4, optimization_level=2)) is None
+    assert allreduce_sizes(make_tp_config(tp=8, optimization_level=2, num_attention_heads=8,
+                                          num_key_value_heads=8)) is None
+    assert allreduce_sizes(make_tp_config(tp=1, optimization_level=2)) is None
     user = make_tp_config(pass_config={"fuse_allreduce_rms": True,
-                                       "fi_allreduce_fusion_max_size_mb": 2})
-    assert allreduce_max_mib(user) is None  # vLLM uses the user's limit itself
+                                       "fi_allreduce_fusion_max_size_mb": 8})
+    assert allreduce_sizes(user).max_bytes == 8 * 2**20
 
 
 # ---------------------------------------------------------------- the graph op's fake

@@ -54,8 +54,10 @@ def message_sizes(platform: str, tp: int,
         return AllReduceSizes(max_bytes, min(DEFAULT_ONE_SHOT_BYTES, max_bytes), "user limit")
     if override_mib is not None:
         max_bytes = int(override_mib * 2**20)
+        # A limit below the measured lower bound: the user's range is all fused.
+        min_bytes = sizes.min_bytes if sizes.min_bytes < max_bytes else 0
         return AllReduceSizes(max_bytes, min(sizes.one_shot_bytes, max_bytes), sizes.measured,
-                              min(sizes.min_bytes, max_bytes))
+                              min_bytes)
     return sizes
 
 
