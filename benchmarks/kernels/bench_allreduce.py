@@ -39,6 +39,8 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--hidden", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts (default: 8 KiB to 64 MiB messages per hidden size)")
     p.add_argument("--impls", nargs="+",
                    default=["fused-1shot", "fused-2shot", "vllm+inductor", "nccl+inductor"])
     p.add_argument("--calls", type=int, default=20)
@@ -162,7 +164,7 @@ def _worker(rank, world, port, args, results):
     rows = []
     for hidden in args.hidden:
         weight = torch.randn(hidden, device=device, dtype=torch.bfloat16)
-        for tokens in TOKENS.get(hidden, TOKENS[4096]):
+        for tokens in args.tokens or TOKENS.get(hidden, TOKENS[4096]):
             nbytes = tokens * hidden * 2
             if nbytes > capacity:
                 continue

@@ -116,9 +116,18 @@ def _check_case(ws, group, device, tokens, hidden, dtype, residual_on, quant, tw
     if exact_inputs or dist.get_world_size(group) == 2:
         assert torch.equal(residual_out, nccl_residual), f"{what}: residual_out != NCCL's"
     else:
-        torch.testing.assert_close(residual_out, nccl_residual, rtol=1e-2, atol=1e-2, msg=what)
+        # NCCL's ring rounds every partial sum to bf16/fp16: compare as relative error.
+        _check_relative_error(residual_out, nccl_residual, what)
     if not quant:
-        torch.testing.assert_close(out, nccl_out, rtol=1e-2, atol=2e-2, msg=what)
+        _check_relative_error(out, nccl_out, what)
+
+
+def _check_relative_error(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """||a - b|| / ||b|| <= 1e-2 (the bf16 relative error of a whole output)."""
+    if b.numel() == 0:
+        return
+    err = (a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)
+    assert err <= 1e-2, f"{what}: relative error {err.item():.3g} vs NCCL"
 
 
 def _correctness_worker(rank, world, device, dtype):
@@ -139,8 +148,11 @@ def _correctness_worker(rank, world, device, dtype):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+WORLDS = pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+
+
+@WORLDS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_matches_nccl_and_reference(world, dtype):
     _run(_correctness_worker, world, dtype)
 
@@ -174,7 +186,7 @@ def _graph_worker(rank, world, device):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@WORLDS
 def test_cuda_graph_replay(world):
     _run(_graph_worker, world)
 
