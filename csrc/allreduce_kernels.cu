@@ -82,7 +82,13 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
 // 16 bytes another rank wrote during this call: never served from a stale L1 line.
 __device__ __forceinline__ uint4 load_peer16(const void* p) {
 #ifdef USE_ROCM
-  return __builtin_nontemporal_load(reinterpret_cast<const uint4*>(p));
+  const unsigned int* q = reinterpret_cast<const unsigned int*>(p);
+  uint4 v;
+  v.x = __builtin_nontemporal_load(q);
+  v.y = __builtin_nontemporal_load(q + 1);
+  v.z = __builtin_nontemporal_load(q + 2);
+  v.w = __builtin_nontemporal_load(q + 3);
+  return v;
 #else
   return __ldcv(reinterpret_cast<const uint4*>(p));
 #endif
