@@ -345,3 +345,85 @@ def test_fused_op_fake(with_scale, with_residual):
     assert out.shape == residual_out.shape == (5, 256)
     assert out.dtype == (fp8_dtype(x.device) if with_scale else torch.float16)
     assert residual_out.dtype == torch.float16
+
+
+# ---------------------------------------------------------------- the graph op's routing
+
+
+class _RecordingOps:
+    """Stand-in for torch.ops.vllm_fusion that records which kernel the graph op calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def all_reduce_rms_norm(self, x, residual, weight, eps, scale, buffers, counter, rank,
+                            capacity, two_shot):
+        self.calls.append(("fused", "two-shot" if two_shot else "one-shot"))
+        return x, x
+
+    def __getattr__(self, name):
+        def unfused_norm(x, *args):
+            self.calls.append(("norm", name))
+            return (x, x) if name.startswith("fused_add") else x
+        return unfused_norm
+
+
+@pytest.fixture
+def graph_op(monkeypatch):
+    """The graph op's impl with a stand-in group, workspace, all-reduce and kernels."""
+    from types import SimpleNamespace
+
+    import vllm_fusion.ops.fused_allreduce as fa
+    from vllm_fusion.ops.allreduce_workspace import AllReduceWorkspace
+
+    ops = _RecordingOps()
+    state = SimpleNamespace(workspace=AllReduceWorkspace(
+        buffer=None, handle=None, buffers=[16, 32], counter=torch.zeros(2, dtype=torch.int64),
+        rank=0, world_size=2, capacity=64 * 1024), ops=ops)
+    group = SimpleNamespace(unique_name="tp:0", device_group=None, cpu_group=None)
+    monkeypatch.setattr(fa, "_OPS", ops)
+    monkeypatch.setattr(fa, "_group", lambda name: group)
+    monkeypatch.setattr(fa.allreduce_workspace, "get_workspace",
+                        lambda *args, **kwargs: state.workspace)
+
+    def vllm_all_reduce(x, group_name):
+        ops.calls.append(("vllm.all_reduce", group_name))
+        return x
+
+    monkeypatch.setattr(fa, "_vllm_all_reduce", vllm_all_reduce)
+
+    def call(tokens, residual=True, scale=None, one_shot_bytes=16 * 1024):
+        x = torch.randn(tokens, 256, dtype=torch.bfloat16)
+        r = torch.randn_like(x) if residual else None
+        w = torch.randn(256, dtype=torch.bfloat16)
+        ops.calls.clear()
+        fa.fused_all_reduce_rms_norm_impl(x, r, w, 1e-6, scale, "tp:0", 64 * 1024,
+                                          one_shot_bytes)
+        return list(ops.calls)
+
+    state.call = call
+    return state
+
+
+def test_graph_op_takes_one_shot_up_to_its_limit_then_two_shot(graph_op):
+    # 256 bf16 = 512 bytes a token; one-shot up to 16 KiB = 32 tokens.
+    assert graph_op.call(32) == [("fused", "one-shot")]
+    assert graph_op.call(33) == [("fused", "two-shot")]
+
+
+def test_graph_op_runs_unfused_beyond_the_workspace(graph_op):
+    # 64 KiB workspace = 128 tokens.
+    assert graph_op.call(128) == [("fused", "two-shot")]
+    assert graph_op.call(129) == [("vllm.all_reduce", "tp:0"), ("norm", "fused_add_rms_norm_pad")]
+    assert graph_op.call(129, residual=False) == [("vllm.all_reduce", "tp:0"),
+                                                   ("norm", "rms_norm_pad")]
+    scale = torch.ones(1)
+    assert graph_op.call(129, scale=scale) == [
+        ("vllm.all_reduce", "tp:0"), ("norm", "fused_add_rms_norm_static_fp8_quant")]
+    assert graph_op.call(129, residual=False, scale=scale) == [
+        ("vllm.all_reduce", "tp:0"), ("norm", "rms_norm_static_fp8_quant")]
+
+
+def test_graph_op_runs_unfused_without_a_workspace(graph_op):
+    graph_op.workspace = None
+    assert graph_op.call(1) == [("vllm.all_reduce", "tp:0"), ("norm", "fused_add_rms_norm_pad")]

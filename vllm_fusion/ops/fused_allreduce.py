@@ -46,9 +46,13 @@ def _workspace(group, input: torch.Tensor, max_bytes: int):
         group.unique_name, group.device_group, max_bytes, input.device, group.cpu_group)
 
 
+def _vllm_all_reduce(input: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.ops.vllm.all_reduce(input, group_name=group_name)
+
+
 def _unfused(input, residual, weight, epsilon, scale, group_name):
     """vLLM's all-reduce, then the same norm (+ quant) math in this package's kernels."""
-    reduced = torch.ops.vllm.all_reduce(input, group_name=group_name)
+    reduced = _vllm_all_reduce(input, group_name)
     hidden = input.shape[-1]
     if scale is not None:
         if residual is None:
