@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,11 @@ def _allocate(device_group: dist.ProcessGroup, capacity: int,
     group_name = device_group.group_name
     enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
     if enable is not None and not symm_mem.is_symm_mem_enabled_for_group(group_name):
-        enable(group_name)
+        # Deprecated in torch 2.11 (rendezvous would resolve the group itself) but still
+        # registers the group's store: kept, as measured, without its warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(group_name)
     flags = flag_bytes()
     buffer = symm_mem.empty(flags + 4 * capacity, dtype=torch.uint8, device=device)
     buffer[:flags].zero_()
