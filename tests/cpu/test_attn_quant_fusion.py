@@ -232,3 +232,41 @@ def test_vllms_mla_pass_is_kept_beside_the_package_pass(monkeypatch):
 def test_without_mla_layers_no_mla_pass_is_built():
     result = compile_attention(num_layers=1)
     assert not any(type(p).__name__ == "MLAAttnQuantFusionPass" for p in result.manager.passes)
+
+
+# ---------------------------------------------------------------- who runs it where
+
+@pytest.mark.parametrize("platform, quant, implementation, route", [
+    ("sm90", "fp8-static", "vllm_fusion", "vllm_fusion"),
+    ("sm100", "fp8-static", "vllm_fusion", "vllm_fusion"),
+    # NVFP4 output (FlashInfer trtllm-gen): vLLM's own pass keeps it.
+    ("sm100", "nvfp4", "vllm", "vllm"),
+    # ROCm backends write FP8 output through vLLM's pass.
+    ("gfx942", "fp8-static", "vllm", "vllm"),
+    ("gfx950", "fp8-static", "vllm", "vllm"),
+])
+def test_explicit_flag_is_run_by_the_package_on_cuda_and_by_vllm_elsewhere(
+        platform, quant, implementation, route):
+    from vllm_fusion.resolver import resolve_fusion, simulated_setup
+
+    flag = "fuse_attn_quant"
+    d = resolve_fusion(flag, simulated_setup(platform, quant=quant, level=2, flags={flag: True}))
+    assert d.enabled and d.status == "on", d
+    assert (d.implementation, d.route) == (implementation, route), d
+
+
+@pytest.mark.parametrize("platform, status", [("sm80", "off"), ("gfx90a", "off")])
+def test_no_fp8_platform_turns_an_explicit_flag_off(platform, status):
+    from vllm_fusion.resolver import resolve_fusion, simulated_setup
+
+    flag = "fuse_attn_quant"
+    d = resolve_fusion(flag, simulated_setup(platform, quant="fp8-static", flags={flag: True}))
+    assert d.status == status and d.warning.startswith(f"{flag} is turned off on {platform}: ")
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_off_by_default_at_every_level(level):
+    from vllm_fusion.resolver import resolve_fusion, simulated_setup
+
+    d = resolve_fusion("fuse_attn_quant", simulated_setup("sm90", quant="fp8-static", level=level))
+    assert not d.enabled and "not measured end to end" in d.reason
