@@ -132,6 +132,8 @@ def test_the_quant_scale_becomes_the_output_scale():
     scale = re.search(r"output_scale: %(\w+)", attention_calls(result)[0]).group(1)
     # The o_proj's static scale (a graph input), not a new tensor.
     assert re.search(rf"%{scale} : \[num_users=\d+\] = placeholder", result.graph_after)
+    # No MLA layers: vLLM's MLA pass for the same flag is not built.
+    assert not any(type(p).__name__ == "MLAAttnQuantFusionPass" for p in result.manager.passes)
 
 
 def test_a_kv_sharing_layer_without_cache_dependency_is_fused_too():
@@ -189,11 +191,6 @@ def test_flag_off_leaves_the_graph_alone():
     assert result.count(ATTENTION) == 2 and "output_scale: %" not in result.graph_after
 
 
-def test_package_disabled_keeps_vllms_pass():
-    result = compile_attention(additional_config={"vllm_fusion": {"enabled": False}})
-    assert ATTN_PASS not in result.passes and VLLM_ATTN_PASS in result.passes
-
-
 # ---------------------------------------------------------------- the configuration it needs
 
 def test_the_flag_keeps_attention_in_the_graph():
@@ -227,11 +224,6 @@ def test_vllms_mla_pass_is_kept_beside_the_package_pass(monkeypatch):
     names = [type(p).__name__ for p in result.manager.passes]
     assert names[names.index("AttnQuantFusionPass") + 1] == "FakeMLAPass"
     assert result.matches[ATTN_PASS] == 1
-
-
-def test_without_mla_layers_no_mla_pass_is_built():
-    result = compile_attention(num_layers=1)
-    assert not any(type(p).__name__ == "MLAAttnQuantFusionPass" for p in result.manager.passes)
 
 
 # ---------------------------------------------------------------- who runs it where
@@ -270,3 +262,57 @@ def test_off_by_default_at_every_level(level):
 
     d = resolve_fusion("fuse_attn_quant", simulated_setup("sm90", quant="fp8-static", level=level))
     assert not d.enabled and "not measured end to end" in d.reason
+
+
+# ---------------------------------------------------------------- graph forms
+
+def test_output_flattened_by_token_count_is_fused_too():
+    """A caller that flattens the attention output to ``[num_tokens, H * Dv]`` (the form
+    vLLM's own pattern is written for) instead of Attention.forward's ``[-1, H * Dv]``."""
+    from vllm.config import set_current_vllm_config
+    from vllm.utils.torch_utils import _encode_layer_name
+
+    config = make_vllm_config(custom_ops=["+quant_fp8"], pass_config={"fuse_attn_quant": True})
+    with set_current_vllm_config(config):
+        init_single_process_parallel()
+    heads, d = GQA["num_heads"], GQA["head_size"]
+
+    class DirectCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = AttentionStack(hidden=256, dtype=torch.bfloat16, o_proj_fp8=True,
+                                        cache_config=config.cache_config, num_layers=1,
+                                        backend="TRITON_ATTN", **GQA)
+
+        def forward(self, q, k, v):
+            layer = self.stack.attn[0]
+            out = torch.empty(q.shape[0], heads, d, dtype=q.dtype, device=q.device)
+            torch.ops.vllm.unified_attention_with_output(
+                q, k, v, out, _encode_layer_name(layer.layer_name))
+            return self.stack.o_proj(out.view(q.shape[0], heads * d))
+
+    def inputs():
+        return [torch.empty(5, heads, d, dtype=torch.bfloat16),
+                torch.empty(5, GQA["num_kv_heads"], d, dtype=torch.bfloat16),
+                torch.empty(5, GQA["num_kv_heads"], d, dtype=torch.bfloat16)]
+
+    result = run_post_grad_passes(DirectCall, inputs, config, dynamic_dims={0: 0, 1: 0, 2: 0})
+    assert result.matches[ATTN_PASS] == 1
+    assert result.count(CUSTOM_QUANT) == 0 and len(fp8_outputs(result)) == 1
+    assert attn_pass(result).layer_matches == {"model.layers.0.self_attn.attn": 1}
+
+
+def test_vllms_own_pass_misses_attention_forwards_flattening():
+    """Why the package matches both flattenings: vLLM 0.26's AttnQuantFusionPass writes its
+    reshape as ``[num_tokens, H * Dv]`` and so leaves Attention.forward's ``[-1, H * Dv]``
+    unfused (on this graph, as the harness traces it)."""
+    from vllm_fusion import compat
+
+    if compat.release() is not compat.VLLM_0_26:
+        pytest.skip("a vLLM 0.26 observation")
+    result = compile_attention(additional_config={"vllm_fusion": {"enabled": False}})
+    theirs = next(p for p in result.manager.passes if type(p).__name__ == "AttnQuantFusionPass")
+    assert ATTN_PASS not in result.passes and VLLM_ATTN_PASS in result.passes
+    assert type(theirs).__module__.startswith("vllm.")
+    assert theirs.matched_count == 0
+    assert result.count(CUSTOM_QUANT) == 2 and not fp8_outputs(result)
