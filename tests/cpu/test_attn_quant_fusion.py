@@ -182,6 +182,10 @@ def test_a_flash_attn_layer_beside_triton_layers_stays_unfused(vllm_logs):
     assert set(attn_pass(result).layer_matches) == {
         "model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"}
     assert "skips model.fa.0.self_attn.attn: attention backend FLASH_ATTN" in vllm_logs.text
+    # The match on the FA layer is vetoed with the same reason (not "layer not found").
+    assert ("fuse_attn_quant leaves model.fa.0.self_attn.attn unfused: attention backend "
+            "FLASH_ATTN") in vllm_logs.text
+    assert "attention layer" not in vllm_logs.text
 
 
 def test_flag_off_leaves_the_graph_alone():

@@ -106,7 +106,7 @@ class AttnFp8StaticQuantPattern(FusionPattern):
         self.dtype = dtype
         self.cache_dep = cache_dep
         # The flattening reshape's token dim: -1 (Attention.forward's ``view(-1, hidden)``)
-        # or the token count (a graph whose shapes were specialized to it).
+        # or the token count (``view(num_tokens, hidden)``, the form vLLM's pattern has).
         self.symbolic_tokens = symbolic_tokens
         self.fusion_pass = fusion_pass
         self.quant = FP8_STATIC.matcher()
@@ -174,14 +174,14 @@ class AttnFp8StaticQuantPattern(FusionPattern):
         name = layer_name_of(match)
         reason = self.why_not(match, name)
         if reason is not None:
-            logger.debug("vllm_fusion: fuse_attn_quant skips %s: %s", name, reason)
+            logger.debug("vllm_fusion: fuse_attn_quant leaves %s unfused: %s", name, reason)
             return False
         self.fusion_pass.layer_matches[name] += 1
         return True
 
     def why_not(self, match: pm.Match, name: str | None) -> str | None:
         """Why this match cannot take the fused output; None when it can."""
-        layer = self.fusion_pass.layers.get(name) if name is not None else None
+        layer = self.fusion_pass.all_layers.get(name) if name is not None else None
         if layer is None:
             return f"attention layer {name!r} not found"
         if OutputGeometry.of(layer) != self.geometry:
@@ -210,7 +210,9 @@ class AttnQuantFusionPass(FusionPass):
         super().__init__(config, settings)
         # Matches of the last graph, by layer name.
         self.layer_matches: collections.Counter = collections.Counter()
-        self.layers = self.supported_layers(attention_layers(config))
+        # Every attention layer (the matches name them), and those whose backend can fuse.
+        self.all_layers = attention_layers(config)
+        self.layers = self.supported_layers(self.all_layers)
         if not _USE_LAYERNAME:
             # The layer name is then a string constant per layer; vLLM 0.26 on torch 2.11
             # passes it as an opaque graph input unless VLLM_USE_LAYERNAME=0.
