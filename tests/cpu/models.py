@@ -117,13 +117,15 @@ class AttentionStack(torch.nn.Module):
     Per layer, as ``LlamaAttention`` / ``Qwen3Attention`` write it: ``QKVParallelLinear`` ->
     split -> (Qwen3: per-head ``RMSNorm`` of q and k) -> ``get_rope`` rotary -> vLLM's
     ``Attention`` (which calls ``unified_kv_cache_update`` then the attention op) -> o_proj
-    stand-in GEMM. Call with ``(positions, hidden_states)``.
+    stand-in GEMM. Call with ``(positions, hidden_states)``. With ``o_proj_fp8``, the o_proj
+    input is quantized to FP8 with a static scale first, as an FP8 Llama's o_proj does.
     """
 
     def __init__(self, *, hidden: int, head_size: int, num_heads: int, num_kv_heads: int,
                  dtype: torch.dtype, cache_config, is_neox: bool = True, rotary_dim=None,
                  qk_norm_eps: float | None = None, num_layers: int = 2, backend: str = "FLASH_ATTN",
-                 kv_sharing_last: bool = False, prefix: str = "model.layers"):
+                 kv_sharing_last: bool = False, prefix: str = "model.layers",
+                 o_proj_fp8: bool = False):
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -158,6 +160,16 @@ class AttentionStack(torch.nn.Module):
             self.k_norm = torch.nn.ModuleList(RMSNorm(head_size, eps=qk_norm_eps, dtype=dtype)
                                               for _ in range(num_layers))
         self.w_o = torch.nn.Parameter(torch.randn(self.q_size, hidden, dtype=dtype), False)
+        self.dtype = dtype
+        self.o_quant = make_quant("fp8-static") if o_proj_fp8 else None
+        self.o_scale = torch.nn.Parameter(torch.rand(1, dtype=torch.float32) + 0.5, False)
+
+    def o_proj(self, attn_out: torch.Tensor) -> torch.Tensor:
+        if self.o_quant is None:
+            return attn_out @ self.w_o
+        # Fp8 linear stand-in: static input quant, then dequantize and multiply.
+        q, scale = self.o_quant(attn_out, self.o_scale)
+        return (q.to(self.dtype) @ self.w_o) * scale.to(self.dtype)
 
     def _norm_heads(self, x: torch.Tensor, norm) -> torch.Tensor:
         # Qwen3Attention.forward: RMSNorm over each head.
@@ -171,5 +183,5 @@ class AttentionStack(torch.nn.Module):
             if self.qk_norm:
                 q, k = self._norm_heads(q, self.q_norm[i]), self._norm_heads(k, self.k_norm[i])
             q, k = self.rotary_emb(positions, q, k)
-            hidden_states = self.attn[i](q, k, v) @ self.w_o
+            hidden_states = self.o_proj(self.attn[i](q, k, v))
         return hidden_states

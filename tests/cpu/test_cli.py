@@ -16,7 +16,8 @@ def test_doctor_json_names_versions_kernels_and_fusions(capsys, kernels):
     assert report["kernels"]["loaded"] is True
     assert report["fusions"]["fuse_norm_quant"] == "vllm_fusion pass"
     assert report["fusions"]["fuse_allreduce_rms"] == "vllm_fusion pass"
-    assert report["fusions"]["fuse_attn_quant"] == "vLLM's pass (not yet replaced)"
+    assert report["fusions"]["fuse_attn_quant"] == "vllm_fusion pass"
+    assert report["fusions"]["enable_sp"] == "vLLM's pass (not yet replaced)"
     assert len(report["fusions"]) == 9
 
 

@@ -177,3 +177,18 @@ def test_pass_uuid_is_stable_across_instances(hooked):
     a, _ = manager_for(dtype=torch.float16, pass_config=FUSIONS_ON)
     b, _ = manager_for(dtype=torch.float16, pass_config=FUSIONS_ON)
     assert [p.uuid() for p in a.passes] == [p.uuid() for p in b.passes]
+
+
+def test_companions_follow_the_package_pass(monkeypatch):
+    from vllm_fusion.passes import attn_quant_fusion
+    from vllm_fusion.passes.pass_manager_hook import add_companions
+
+    monkeypatch.setattr(attn_quant_fusion, "vllm_mla_passes",
+                        lambda config: [named("MLAAttnQuantFusionPass")])
+    ours = named("Ours")
+    passes = [named("NoOpEliminationPass"), ours, named("QKNormRoPEFusionPass")]
+    result = add_companions(passes, by_flag("fuse_attn_quant"), ours, make_vllm_config())
+    assert [type(p).__name__ for p in result] == [
+        "NoOpEliminationPass", "Ours", "MLAAttnQuantFusionPass", "QKNormRoPEFusionPass"]
+    # A fusion without companions: unchanged.
+    assert add_companions(passes, by_flag("fuse_norm_quant"), ours, make_vllm_config()) == passes

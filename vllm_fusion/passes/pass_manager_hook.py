@@ -69,6 +69,24 @@ def place_pass(passes: list, fusion: Fusion, new_pass) -> list:
     return passes[:position] + [new_pass] + passes[position:]
 
 
+def add_companions(passes: list, fusion: Fusion, new_pass, config) -> list:
+    """``passes`` with vLLM's passes that share ``fusion``'s flag (turned off while vLLM
+    configured) put back right after the package's pass."""
+    from vllm.config import set_current_vllm_config
+
+    try:
+        with set_current_vllm_config(config, check_compile=False):
+            companions = fusion.build_companions(config)
+    except Exception as e:  # never stop vLLM: the package's pass still runs
+        logger.warning("vllm_fusion: vLLM's other %s passes could not be set up (%s: %s)",
+                       fusion.flag, type(e).__name__, e)
+        return passes
+    if not companions:
+        return passes
+    position = passes.index(new_pass) + 1
+    return passes[:position] + companions + passes[position:]
+
+
 def _build_pass(fusion: Fusion, config, settings: FusionSettings):
     """The package's pass for ``fusion``, or None (with the reason logged).
 
@@ -147,6 +165,7 @@ def configure_with_package_passes(original, manager, config) -> None:
         manager.passes, config, canonicalize, _rank_of)
     for fusion, new_pass in ours.items():
         manager.passes = place_pass(manager.passes, fusion, new_pass)
+        manager.passes = add_companions(manager.passes, fusion, new_pass, config)
     logger.debug(
         "vllm_fusion: post-grad passes: %s",
         ", ".join(f"{type(p).__module__.split('.')[0]}:{type(p).__name__}" for p in manager.passes),

@@ -19,11 +19,20 @@ class Fusion:
     vllm_passes: tuple[str, ...]
     # "module:Class" of the package's pass, None while vLLM's is used.
     package_pass: str | None = None
+    # "module:function" (config -> list of passes): vLLM's passes under the same flag that the
+    # package's pass does not replace; they run right after it.
+    companions: str | None = None
 
     def load_pass_class(self) -> type:
         assert self.package_pass is not None
         module, _, name = self.package_pass.partition(":")
         return getattr(importlib.import_module(module), name)
+
+    def build_companions(self, config) -> list:
+        if self.companions is None:
+            return []
+        module, _, name = self.companions.partition(":")
+        return list(getattr(importlib.import_module(module), name)(config))
 
 
 # Order of PostGradPassManager.configure in vLLM 0.26.
@@ -55,7 +64,13 @@ FUSIONS: tuple[Fusion, ...] = (
         ("RopeKVCacheFusionPass",),
         "vllm_fusion.passes.rope_kvcache_fusion:RopeKVCacheFusionPass",
     ),
-    Fusion("fuse_attn_quant", ("AttnQuantFusionPass",)),
+    Fusion(
+        "fuse_attn_quant",
+        ("AttnQuantFusionPass",),
+        "vllm_fusion.passes.attn_quant_fusion:AttnQuantFusionPass",
+        # vLLM's MLAAttnQuantFusionPass (same flag) stays for MLA layers.
+        "vllm_fusion.passes.attn_quant_fusion:vllm_mla_passes",
+    ),
     Fusion(
         "enable_qk_norm_rope_fusion",
         ("QKNormRoPEFusionPass",),
