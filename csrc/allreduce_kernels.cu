@@ -393,13 +393,13 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
                                                const Tensor& counter, int64_t rank, int64_t capacity,
                                                bool two_shot) {
   constexpr const char* op = "all_reduce_rms_norm";
+  // The RMSNorm checks in norm_quant's order and words (csrc/norm_quant_kernels.cu), then what
+  // the all-reduce adds.
   check_activation(op, "input", input);
-  check_contiguous(op, "input", input);
   const int64_t H = input.size(-1);
   const ScalarType dt = input.scalar_type();
   if (residual) {
     check_activation(op, "residual", *residual);
-    check_contiguous(op, "residual", *residual);
     check_same_device(op, "residual", *residual, input);
     check_same_shape(op, "residual", *residual, input);
     VF_CHECK(residual->scalar_type() == dt, op, ": residual must have the same dtype as input (",
@@ -410,7 +410,9 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
            " (the last dim of input)");
   VF_CHECK(weight.scalar_type() == dt, op, ": weight must have the same dtype as input (",
            dtype_name(dt), "), got ", dtype_name(weight.scalar_type()));
-  VF_CHECK(weight.stride(0) == 1, op, ": weight must be contiguous");
+  VF_CHECK(weight.size(0) == 1 || weight.stride(0) == 1, op, ": weight must be contiguous");
+  check_contiguous(op, "input", input);
+  if (residual) check_contiguous(op, "residual", *residual);
   if (scale) check_scale_scalar(op, "scale", *scale, input);
   VF_CHECK(H % kVec == 0 && H <= kMaxThreads * kMaxNv * kVec, op,
            ": the last dim of input must be a multiple of ", kVec, " and at most ",

@@ -19,10 +19,9 @@ import torch
 from vllm_fusion.ops.checks import (
     _fail,
     _known,
-    check_activation,
+    check_norm_args,
     check_same_device,
     check_scale_scalar,
-    dtype_name,
 )
 from vllm_fusion.ops.fp8 import fp8_dtype, static_fp8_quant_ref
 from vllm_fusion.ops.norm_quant import fused_add_rms_norm_ref, rms_norm_ref
@@ -65,30 +64,12 @@ def all_reduce_rms_norm_ref(
 def check_all_reduce_rms_norm_args(op: str, input, residual, weight, scale, buffers, counter,
                                    rank, capacity) -> None:
     """The checks of all_reduce_rms_norm in csrc/allreduce_kernels.cu, in its order."""
-    check_activation(op, "input", input)
+    check_norm_args(op, input, residual, weight)
     if not input.is_contiguous():
         _fail(op, "input must be contiguous")
+    if residual is not None and not residual.is_contiguous():
+        _fail(op, "residual must be contiguous")
     hidden = input.shape[-1]
-    if residual is not None:
-        check_activation(op, "residual", residual)
-        if not residual.is_contiguous():
-            _fail(op, "residual must be contiguous")
-        check_same_device(op, "residual", residual, input)
-        if residual.dim() != input.dim() or any(
-            _known(a) and _known(b) and a != b for a, b in zip(residual.shape, input.shape)
-        ):
-            _fail(op, "residual must have the same shape as input")
-        if residual.dtype != input.dtype:
-            _fail(op, f"residual must have the same dtype as input ({dtype_name(input.dtype)}), "
-                      f"got {dtype_name(residual.dtype)}")
-    check_same_device(op, "weight", weight, input)
-    if weight.dim() != 1 or (_known(hidden) and weight.shape[0] != hidden):
-        _fail(op, f"weight must be 1-D of size {hidden} (the last dim of input)")
-    if weight.dtype != input.dtype:
-        _fail(op, f"weight must have the same dtype as input ({dtype_name(input.dtype)}), "
-                  f"got {dtype_name(weight.dtype)}")
-    if weight.stride(0) != 1:  # no size-1 exemption here, unlike check_norm_args
-        _fail(op, "weight must be contiguous")
     if scale is not None:
         check_scale_scalar(op, "scale", scale, input)
     if _known(hidden) and (hidden % VECTOR or hidden > MAX_HIDDEN):

@@ -65,6 +65,24 @@ def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.ops.vllm.all_reduce.default(x, group_name=group_name)
 
 
+def _with_inputs(body, fused_add: bool, quant: bool):
+    """``body`` as a function of exactly the pattern's inputs, by name (the matcher binds a
+    pattern's and its replacement's inputs by their parameter names)."""
+    if fused_add and quant:
+        def fn(x, weight, residual, scale):
+            return body(x, weight, residual, scale)
+    elif fused_add:
+        def fn(x, weight, residual):
+            return body(x, weight, residual)
+    elif quant:
+        def fn(x, weight, scale):
+            return body(x, weight, scale=scale)
+    else:
+        def fn(x, weight):
+            return body(x, weight)
+    return fn
+
+
 class AllReduceRMSNormPattern(FusionPattern):
     """all_reduce -> ``fused_add_rms_norm`` (``fused_add``) or ``rms_norm`` [-> static quant].
 
@@ -133,19 +151,7 @@ class AllReduceRMSNormPattern(FusionPattern):
             out = quantize(y, scale)
             return (out, res) if residual_out else out
 
-        if fused_add and quant is not None:
-            def pattern(x, weight, residual, scale):
-                return body(x, weight, residual, scale)
-        elif fused_add:
-            def pattern(x, weight, residual):
-                return body(x, weight, residual)
-        elif quant is not None:
-            def pattern(x, weight, scale):
-                return body(x, weight, scale=scale)
-        else:
-            def pattern(x, weight):
-                return body(x, weight)
-        return pattern
+        return _with_inputs(body, fused_add, quant is not None)
 
     @property
     def replacement(self):
@@ -158,19 +164,7 @@ class AllReduceRMSNormPattern(FusionPattern):
                           sizes.one_shot_bytes)
             return (out, res) if residual_out else out
 
-        if fused_add and quant is not None:
-            def replacement(x, weight, residual, scale):
-                return body(x, weight, residual, scale)
-        elif fused_add:
-            def replacement(x, weight, residual):
-                return body(x, weight, residual)
-        elif quant is not None:
-            def replacement(x, weight, scale):
-                return body(x, weight, scale=scale)
-        else:
-            def replacement(x, weight):
-                return body(x, weight)
-        return replacement
+        return _with_inputs(body, fused_add, quant is not None)
 
 
 class AllReduceFusionPass(FusionPass):
