@@ -19,15 +19,12 @@ Importing this module imports vLLM; ``vllm_fusion.ops`` does not import it.
 from __future__ import annotations
 
 import torch
-from torch.library import Library
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_fusion.ops import allreduce_workspace
 from vllm_fusion.ops.fp8 import fp8_dtype
+from vllm_fusion.ops.graph_op import register_graph_op
 
 OP_NAME = "fused_all_reduce_rms_norm"
-
-_lib = Library("vllm_fusion", "FRAGMENT")
 _OPS = torch.ops.vllm_fusion
 
 
@@ -100,19 +97,4 @@ def fused_all_reduce_rms_norm_fake(
             torch.empty(input.shape, dtype=input.dtype, device=input.device))
 
 
-def _register() -> None:
-    try:
-        getattr(torch.ops.vllm_fusion, OP_NAME).default
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    direct_register_custom_op(
-        op_name=OP_NAME,
-        op_func=fused_all_reduce_rms_norm_impl,
-        mutates_args=[],
-        fake_impl=fused_all_reduce_rms_norm_fake,
-        target_lib=_lib,
-    )
-
-
-_register()
+register_graph_op(OP_NAME, fused_all_reduce_rms_norm_impl, fused_all_reduce_rms_norm_fake)

@@ -22,9 +22,10 @@ Importing this module imports vLLM; ``vllm_fusion.ops`` does not import it.
 from __future__ import annotations
 
 import torch
-from torch.library import Library
 from vllm.model_executor.layers.attention.attention import get_attention_context
-from vllm.utils.torch_utils import LayerNameType, _resolve_layer_name, direct_register_custom_op
+from vllm.utils.torch_utils import LayerNameType, _resolve_layer_name
+
+from vllm_fusion.ops.graph_op import register_graph_op
 
 OP_NAME = "rope_kv_cache_update"
 KERNEL_OP = "qk_norm_rope_kv_cache"
@@ -36,8 +37,6 @@ SUPPORTED_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")
 FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_SIZE = 512
-
-_lib = Library("vllm_fusion", "FRAGMENT")
 
 
 def _model_dtype() -> torch.dtype | None:
@@ -147,20 +146,4 @@ def rope_kv_cache_update_fake(
     return q_out, k_out, torch.empty(0, dtype=query.dtype, device=query.device)
 
 
-def _register() -> None:
-    if hasattr(torch.ops.vllm_fusion, OP_NAME):
-        try:
-            getattr(torch.ops.vllm_fusion, OP_NAME).default
-            return
-        except (AttributeError, RuntimeError):
-            pass
-    direct_register_custom_op(
-        op_name=OP_NAME,
-        op_func=rope_kv_cache_update_impl,
-        mutates_args=[],
-        fake_impl=rope_kv_cache_update_fake,
-        target_lib=_lib,
-    )
-
-
-_register()
+register_graph_op(OP_NAME, rope_kv_cache_update_impl, rope_kv_cache_update_fake)
