@@ -40,6 +40,29 @@ class AllReduceSizes:
 
 
 @dataclass(frozen=True)
+class BackendMeasurement:
+    """What fusing one attention backend measured end to end on one platform."""
+
+    wins: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class AttentionBackendRow:
+    """One vLLM attention backend for an attention fusion: whether its kernel can take the
+    fused (quantized) output, why, and per platform what fusing it measured."""
+
+    writes_fp8_output: bool
+    reason: str
+    measured: dict[str, BackendMeasurement] = field(default_factory=dict)
+
+    def measured_loss(self, platform_id: str) -> str | None:
+        """The measurement showing the fusion slower on this platform; None otherwise."""
+        m = self.measured.get(platform_id)
+        return m.text if m is not None and not m.wins else None
+
+
+@dataclass(frozen=True)
 class SchemeVerdict:
     """One quantization scheme family of a fusion: whether it is fused, and (for the
     package's kernels) where the fused kernel beats Inductor."""
@@ -104,6 +127,8 @@ class FusionCapability:
     rocm: dict[str, RocmRow] = field(default_factory=dict)
     # All-reduce fusions: platform id -> TP size -> message sizes where the fused op runs
     message_sizes: dict[str, dict[int, AllReduceSizes]] = field(default_factory=dict)
+    # Attention fusions: vLLM backend name -> what that backend can do and measured
+    backends: dict[str, AttentionBackendRow] = field(default_factory=dict)
 
     def supported_on(self, platform_id: str) -> bool:
         return platform_id in self.platforms
@@ -183,6 +208,25 @@ def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]
     return tables
 
 
+def _backends(raw: dict, where: str, platforms: dict) -> dict[str, AttentionBackendRow]:
+    """``[<fusion>.backends.<BACKEND>]``: writes_fp8_output, reason, measured.<platform>."""
+    rows = {}
+    for name, row in raw.items():
+        if not isinstance(row.get("writes_fp8_output"), bool) or not row.get("reason"):
+            raise MatrixError(f"{where}.{name}: writes_fp8_output (true/false) and reason "
+                              "are required")
+        measured = {}
+        for pid, m in row.get("measured", {}).items():
+            if platforms and pid not in platforms:
+                raise MatrixError(f"{where}.{name}.measured: unknown platform {pid!r}")
+            if not isinstance(m.get("wins"), bool) or not m.get("text"):
+                raise MatrixError(f"{where}.{name}.measured.{pid}: wins (true/false) and text "
+                                  "are required")
+            measured[pid] = BackendMeasurement(m["wins"], m["text"])
+        rows[name] = AttentionBackendRow(row["writes_fp8_output"], row["reason"], measured)
+    return rows
+
+
 def _parse(raw: dict) -> Matrix:
     platforms = {
         pid: Platform(pid, entry["vendor"], entry["label"])
@@ -240,6 +284,7 @@ def _parse(raw: dict) -> Matrix:
             rocm=rocm,
             message_sizes=_message_sizes(entry.get("message_sizes", {}),
                                          f"{where}.message_sizes"),
+            backends=_backends(entry.get("backends", {}), f"{where}.backends", platforms),
         )
     return Matrix(platforms, schemes, fusions)
 

@@ -141,6 +141,16 @@ def render_markdown() -> str:
             add("Other CUDA platforms and TP sizes: off unless "
                 "`pass_config.fi_allreduce_fusion_max_size_mb` is set.")
             add("")
+        if cap.backends:
+            add("| attention backend | takes the fused output | why | measured |")
+            add("|---|---|---|---|")
+            for name, row in cap.backends.items():
+                measured = "; ".join(
+                    f"`{pid}`: **{'wins' if m.wins else 'loses'}**: {m.text}"
+                    for pid, m in row.measured.items()) or "not measured"
+                takes = "yes" if row.writes_fp8_output else "no"
+                add(f"| `{name}` | {takes} | {_cell(row.reason)} | {_cell(measured)} |")
+            add("")
         if cap.tokens:
             add("| platform | num_tokens | measurement |")
             add("|---|---|---|")

@@ -37,6 +37,9 @@ def hooked(kernels):
 
 @pytest.fixture
 def vllm_logs(caplog):
+    from vllm.logger import _print_warning_once
+
+    _print_warning_once.cache_clear()  # each test sees its own once-only warnings
     logging.getLogger("vllm").propagate = True
     with caplog.at_level(logging.DEBUG, logger="vllm"):
         yield caplog
@@ -265,7 +268,7 @@ def test_off_by_default_at_every_level(level):
     from vllm_fusion.resolver import resolve_fusion, simulated_setup
 
     d = resolve_fusion("fuse_attn_quant", simulated_setup("sm90", quant="fp8-static", level=level))
-    assert not d.enabled and "not measured end to end" in d.reason
+    assert not d.enabled and "measured slower end to end" in d.reason
 
 
 # ---------------------------------------------------------------- graph forms
@@ -306,17 +309,59 @@ def test_output_flattened_by_token_count_is_fused_too():
     assert attn_pass(result).layer_matches == {"model.layers.0.self_attn.attn": 1}
 
 
-def test_vllms_own_pass_misses_attention_forwards_flattening():
-    """Why the package matches both flattenings: vLLM 0.26's AttnQuantFusionPass writes its
-    reshape as ``[num_tokens, H * Dv]`` and so leaves Attention.forward's ``[-1, H * Dv]``
-    unfused (on this graph, as the harness traces it)."""
-    from vllm_fusion import compat
+# ---------------------------------------------------------------- the backend table
 
-    if compat.release() is not compat.VLLM_0_26:
-        pytest.skip("a vLLM 0.26 observation")
-    result = compile_attention(additional_config={"vllm_fusion": {"enabled": False}})
-    theirs = next(p for p in result.manager.passes if type(p).__name__ == "AttnQuantFusionPass")
-    assert ATTN_PASS not in result.passes and VLLM_ATTN_PASS in result.passes
-    assert type(theirs).__module__.startswith("vllm.")
-    assert theirs.matched_count == 0
-    assert result.count(CUSTOM_QUANT) == 2 and not fp8_outputs(result)
+@pytest.mark.parametrize("backend", ["TRITON_ATTN", "FLASH_ATTN"])
+def test_backend_table_agrees_with_vllms_backends(backend):
+    """The matrix's per-backend "takes the fused output" column is what vLLM's impl answers."""
+    from vllm.config import set_current_vllm_config
+
+    from vllm_fusion.matrix import load_matrix
+    from vllm_fusion.passes.attn_quant_fusion import output_quant_unsupported
+
+    config = make_vllm_config(custom_ops=["+quant_fp8"], pass_config={"fuse_attn_quant": True})
+    with set_current_vllm_config(config):
+        init_single_process_parallel()
+        stack = AttentionStack(hidden=256, dtype=torch.bfloat16, o_proj_fp8=True, num_layers=1,
+                               cache_config=config.cache_config, backend=backend, **GQA)
+    row = load_matrix()["fuse_attn_quant"].backends[backend]
+    assert (output_quant_unsupported(stack.attn[0]) is None) == row.writes_fp8_output
+
+
+def test_triton_on_h100_is_recorded_as_slower():
+    from vllm_fusion.matrix import load_matrix
+
+    row = load_matrix()["fuse_attn_quant"].backends["TRITON_ATTN"]
+    assert not row.measured["sm90"].wins
+    assert "2.7% slower" in row.measured_loss("sm90")
+    assert row.measured_loss("sm100") is None  # not measured there: no claim
+
+
+def test_an_explicit_flag_fuses_a_measured_loser_and_warns_once(vllm_logs):
+    result = compile_attention(num_layers=2)  # the CPU tests simulate sm90
+    assert result.matches[ATTN_PASS] == 2
+    warnings = [r.getMessage() for r in vllm_logs.records if r.levelno == logging.WARNING
+                and "measured slower than unfused" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("vllm_fusion: fuse_attn_quant fuses TRITON_ATTN layers as "
+                                  "pass_config asks, but on sm90 it was measured slower")
+    assert "0.5253 s fused vs 0.5115 s unfused" in warnings[0]
+
+
+def test_no_warning_for_a_backend_that_is_not_fused(vllm_logs):
+    compile_attention(backend="FLASH_ATTN")
+    assert "measured slower than unfused" not in vllm_logs.text
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"reason": "r"}, "writes_fp8_output (true/false) and reason are required"),
+    ({"writes_fp8_output": True, "reason": "r", "measured": {"sm42": {"wins": True, "text": "t"}}},
+     "unknown platform 'sm42'"),
+    ({"writes_fp8_output": True, "reason": "r", "measured": {"sm90": {"text": "t"}}},
+     "measured.sm90: wins (true/false) and text are required"),
+])
+def test_bad_backend_rows_are_rejected(row, message):
+    from vllm_fusion.matrix import MatrixError, _backends
+
+    with pytest.raises(MatrixError, match=re.escape(message)):
+        _backends({"X": row}, "fusions.f.backends", {"sm90": object()})

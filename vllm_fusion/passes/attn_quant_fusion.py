@@ -39,6 +39,7 @@ from vllm.utils.torch_utils import _USE_LAYERNAME, _encode_layer_name
 
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
+from vllm_fusion.matrix import load_matrix
 from vllm_fusion.passes.base import FusionPass, FusionPattern
 from vllm_fusion.passes.quant_schemes import FP8_STATIC, fake_value
 from vllm_fusion.passes.rope_kvcache_fusion import attention_layers, layer_name_of
@@ -228,6 +229,8 @@ class AttnQuantFusionPass(FusionPass):
                 for symbolic_tokens in (False, True):
                     self.register(AttnFp8StaticQuantPattern(geometry, dtype, cache_dep,
                                                             symbolic_tokens, self))
+        for backend in sorted({backend_name(layer) for layer in self.layers.values()}):
+            self.warn_if_measured_slower(backend)
         self.dump_patterns(config, self.pm_pass)
 
     def supported_layers(self, layers: dict) -> dict:
@@ -243,6 +246,15 @@ class AttnQuantFusionPass(FusionPass):
             else:
                 logger.debug("vllm_fusion: %s skips %s: %s", self.flag, name, reason)
         return supported
+
+    def warn_if_measured_slower(self, backend: str) -> None:
+        """The user asked for the fusion; say so once where the matrix measured it slower."""
+        row = load_matrix()[self.flag].backends.get(backend)
+        loss = row.measured_loss(self.settings.platform) if row is not None else None
+        if loss is not None:
+            logger.warning_once(
+                "vllm_fusion: %s fuses %s layers as pass_config asks, but on %s it was measured "
+                "slower than unfused: %s", self.flag, backend, self.settings.platform, loss)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.layer_matches = collections.Counter()
