@@ -4,6 +4,7 @@ Every test here runs in a forked child (pytest-forked), so patches, dynamo
 state and registered patterns never leak from one test into the next.
 """
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,19 @@ def kernels():
             pytest.fail(f"VLLM_FUSION_REQUIRE_KERNELS=1 but {status.describe()}")
         pytest.skip(status.describe())
     return status
+
+
+@pytest.fixture
+def pass_hook(kernels):
+    """The package's passes in vLLM's pass manager, as the plugin installs them."""
+    from vllm_fusion.passes.pass_manager_hook import install_pass_manager_hook
+
+    install_pass_manager_hook()
+
+
+@pytest.fixture
+def vllm_logs(caplog):
+    """vLLM's log records (the package logs under ``vllm.``), from DEBUG up."""
+    logging.getLogger("vllm").propagate = True
+    with caplog.at_level(logging.DEBUG, logger="vllm"):
+        yield caplog

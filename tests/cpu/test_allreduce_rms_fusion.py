@@ -31,17 +31,13 @@ def _simulate_gpus(count: int) -> None:
 
 
 @pytest.fixture(autouse=True)
-def hooked(kernels, monkeypatch):
+def hooked(pass_hook, monkeypatch):
     from vllm_fusion.passes import allreduce_rms_fusion
-    from vllm_fusion.passes.pass_manager_hook import (
-        install_compile_ranges_hook,
-        install_pass_manager_hook,
-    )
+    from vllm_fusion.passes.pass_manager_hook import install_compile_ranges_hook
 
     _simulate_gpus(8)
     # No TP group on CPU: the name vLLM's all_reduce nodes carry.
     monkeypatch.setattr(allreduce_rms_fusion, "tp_group_name", lambda: GROUP)
-    install_pass_manager_hook()
     install_compile_ranges_hook()
 
 

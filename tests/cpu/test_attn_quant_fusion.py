@@ -28,21 +28,7 @@ GQA = {"head_size": 64, "num_heads": 4, "num_kv_heads": 2}
 MHA = {"head_size": 128, "num_heads": 2, "num_kv_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def hooked(kernels):
-    from vllm_fusion.passes.pass_manager_hook import install_pass_manager_hook
-
-    install_pass_manager_hook()
-
-
-@pytest.fixture
-def vllm_logs(caplog):
-    from vllm.logger import _print_warning_once
-
-    _print_warning_once.cache_clear()  # each test sees its own once-only warnings
-    logging.getLogger("vllm").propagate = True
-    with caplog.at_level(logging.DEBUG, logger="vllm"):
-        yield caplog
+pytestmark = pytest.mark.usefixtures("pass_hook")
 
 
 def compile_attention(*, backend="TRITON_ATTN", custom_quant=True, dtype=torch.bfloat16,

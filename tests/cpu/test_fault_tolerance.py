@@ -18,11 +18,7 @@ ACT_PASS = "vllm_fusion:ActivationQuantFusionPass"
 FAULT = "injected rewrite fault"
 
 
-@pytest.fixture(autouse=True)
-def hooked(kernels):
-    from vllm_fusion.passes.pass_manager_hook import install_pass_manager_hook
-
-    install_pass_manager_hook()
+pytestmark = pytest.mark.usefixtures("pass_hook")
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ cache keys react to the package version and settings."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -18,13 +16,6 @@ FUSIONS_ON = {"fuse_norm_quant": True, "fuse_act_quant": True}
 @pytest.fixture
 def hooked():
     install_pass_manager_hook()
-
-
-@pytest.fixture
-def vllm_logs(caplog):
-    logging.getLogger("vllm").propagate = True
-    with caplog.at_level(logging.DEBUG, logger="vllm"):
-        yield caplog
 
 
 def manager_for(**kwargs):

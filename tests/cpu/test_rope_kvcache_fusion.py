@@ -32,24 +32,15 @@ MHA = {"head_size": 128, "num_heads": 2, "num_kv_heads": 2}
 
 
 @pytest.fixture(autouse=True)
-def hooked(kernels):
+def hooked(pass_hook):
     from vllm_fusion.passes.pass_manager_hook import (
         install_pass_config_hook,
-        install_pass_manager_hook,
         install_splitting_ops_hook,
     )
 
     ensure_rope_kernel_op()
-    install_pass_manager_hook()
     install_pass_config_hook()  # vLLM 0.26 turns fuse_rope_kvcache off off-ROCm
     install_splitting_ops_hook()
-
-
-@pytest.fixture
-def vllm_logs(caplog):
-    logging.getLogger("vllm").propagate = True
-    with caplog.at_level(logging.DEBUG, logger="vllm"):
-        yield caplog
 
 
 def compile_attention(*, pass_config=None, geometry=GQA, qk_norm_eps=None, is_neox=True,
