@@ -130,10 +130,14 @@ def doctor_report() -> dict:
 def _implementation(fusion) -> str:
     from vllm_fusion import compat
 
+    release = compat.release()
     if fusion.package_pass:
+        if not release.has_vllm_pass(fusion.flag):  # enable_sp on 0.33: see the resolver
+            return (f"vllm_fusion pass (off on vLLM {release.version}: its model runner no "
+                    "longer pads token counts for SP)")
         return "vllm_fusion pass"
-    if not compat.release().has_vllm_pass(fusion.flag):
-        return f"none (vLLM {compat.release().version} has no pass)"
+    if not release.has_vllm_pass(fusion.flag):
+        return f"none (vLLM {release.version} has no pass)"
     return "vLLM's pass (not yet replaced)"
 
 

@@ -40,6 +40,16 @@ class AllReduceSizes:
 
 
 @dataclass(frozen=True)
+class SpThreshold:
+    """Where sequence parallelism starts on one platform: for models with hidden >= min_hidden,
+    from ``per_gpu_bytes`` x TP bytes of activations per all-reduce."""
+
+    min_hidden: int
+    per_gpu_bytes: int
+    measured: str = ""
+
+
+@dataclass(frozen=True)
 class BackendMeasurement:
     """What fusing one attention backend measured end to end on one platform."""
 
@@ -127,6 +137,8 @@ class FusionCapability:
     rocm: dict[str, RocmRow] = field(default_factory=dict)
     # All-reduce fusions: platform id -> TP size -> message sizes where the fused op runs
     message_sizes: dict[str, dict[int, AllReduceSizes]] = field(default_factory=dict)
+    # Sequence parallelism: platform id -> where it starts
+    sp_thresholds: dict[str, SpThreshold] = field(default_factory=dict)
     # Attention fusions: vLLM backend name -> what that backend can do and measured
     backends: dict[str, AttentionBackendRow] = field(default_factory=dict)
 
@@ -208,6 +220,23 @@ def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]
     return tables
 
 
+def _sp_thresholds(raw: dict, where: str, platforms: dict) -> dict[str, SpThreshold]:
+    """``[<fusion>.sp_thresholds.<platform>]``: min_hidden, per_gpu_mib, measured."""
+    rows = {}
+    for pid, row in raw.items():
+        if platforms and pid not in platforms:
+            raise MatrixError(f"{where}: unknown platform {pid!r}")
+        try:
+            min_hidden, per_gpu_mib = int(row["min_hidden"]), float(row["per_gpu_mib"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise MatrixError(f"{where}.{pid}: min_hidden and per_gpu_mib (numbers) are "
+                              f"required ({e})") from None
+        if min_hidden < 0 or per_gpu_mib <= 0:
+            raise MatrixError(f"{where}.{pid}: min_hidden >= 0 and per_gpu_mib > 0")
+        rows[pid] = SpThreshold(min_hidden, int(per_gpu_mib * 2**20), row.get("measured", ""))
+    return rows
+
+
 def _backends(raw: dict, where: str, platforms: dict) -> dict[str, AttentionBackendRow]:
     """``[<fusion>.backends.<BACKEND>]``: writes_fp8_output, reason, measured.<platform>."""
     rows = {}
@@ -285,6 +314,8 @@ def _parse(raw: dict) -> Matrix:
             message_sizes=_message_sizes(entry.get("message_sizes", {}),
                                          f"{where}.message_sizes"),
             backends=_backends(entry.get("backends", {}), f"{where}.backends", platforms),
+            sp_thresholds=_sp_thresholds(entry.get("sp_thresholds", {}),
+                                         f"{where}.sp_thresholds", platforms),
         )
     return Matrix(platforms, schemes, fusions)
 

@@ -141,6 +141,16 @@ def render_markdown() -> str:
             add("Other CUDA platforms and TP sizes: off unless "
                 "`pass_config.fi_allreduce_fusion_max_size_mb` is set.")
             add("")
+        if cap.sp_thresholds:
+            add("| platform | models with hidden >= | from activations per all-reduce | "
+                "measurement |")
+            add("|---|---|---|---|")
+            for pid, t in cap.sp_thresholds.items():
+                add(f"| `{pid}` | {t.min_hidden} | {_mib(t.per_gpu_bytes)} x TP | "
+                    f"{_cell(t.measured)} |")
+            add("")
+            add("`pass_config.sp_min_token_num` replaces the threshold.")
+            add("")
         if cap.backends:
             add("| attention backend | takes the fused output | why | measured |")
             add("|---|---|---|---|")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vllm_fusion import compat
-from vllm_fusion.matrix import FusionCapability, load_full_matrix, platform_vendor
+from vllm_fusion.matrix import FusionCapability, load_full_matrix, load_matrix, platform_vendor
 from vllm_fusion.passes.registry import FUSION_FLAGS
 
 LEVELS = (0, 1, 2, 3)
@@ -31,7 +31,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 # Flash-Infer's fused all-reduce world sizes (PassConfig.flashinfer_max_size).
 _FI_WORLD_SIZES = (2, 4, 8, 16)
 # vLLM 0.26's SP_MIN_HIDDEN_SIZE (sequence_parallelism.py), per platform id.
-_SP_MIN_HIDDEN = {"sm90": 8192, "sm100": 8192}
+_SP_FLAGS = ("enable_sp", "fuse_gemm_comms")
 
 
 def platform_ids() -> tuple[str, ...]:
@@ -296,7 +296,27 @@ def _gate(cap: FusionCapability, setup: Setup) -> str | None:
         return (f"compilation_config.splitting_ops contains {KV_CACHE_UPDATE_OP}, so the "
                 "KV-cache write runs outside the compiled graph; remove it from splitting_ops "
                 "(or leave splitting_ops unset, or set use_inductor_graph_partition=True)")
+    if cap.flag in _SP_FLAGS:
+        reason = _sp_gate(setup)
+        if reason is not None:
+            return reason
     return _vllm_gate(cap.flag, setup) if cap.implementation == "vllm" else None
+
+
+def _sp_gate(setup: Setup) -> str | None:
+    """What sequence parallelism (and async TP, built on it) needs beyond the data's fields."""
+    release = compat.release_for(setup.vllm)
+    if not release.has_vllm_pass("enable_sp"):
+        return (f"vLLM {release.version} has no enable_sp pass (removed in 0.33), and with it "
+                "what SP needs from the model runner (token counts padded to a multiple of "
+                "TP); vllm_fusion's SP pass runs on vLLM 0.26 for now")
+    if setup.sp_min_token_num is None and setup.hidden_size is not None:
+        threshold = load_matrix()["enable_sp"].sp_thresholds.get(setup.platform)
+        if threshold is not None and setup.hidden_size < threshold.min_hidden:
+            return (f"hidden size {setup.hidden_size} below the SP threshold "
+                    f"{threshold.min_hidden} for {setup.platform}: VllmConfig disables SP "
+                    "(set sp_min_token_num to force)")
+    return None
 
 
 def _vllm_gate(flag: str, setup: Setup) -> str | None:
@@ -307,11 +327,6 @@ def _vllm_gate(flag: str, setup: Setup) -> str | None:
     if not release.has_vllm_pass(flag):
         return (f"vLLM {release.version} has no {flag} pass (removed in 0.33) and "
                 "vllm_fusion does not implement it")
-    if flag in ("enable_sp", "fuse_gemm_comms") and setup.sp_min_token_num is None:
-        threshold = _SP_MIN_HIDDEN.get(setup.platform)
-        if setup.hidden_size is not None and threshold and setup.hidden_size < threshold:
-            return (f"hidden size {setup.hidden_size} below vLLM's SP threshold {threshold}: "
-                    "VllmConfig disables SP (set sp_min_token_num to force)")
     return None
 
 

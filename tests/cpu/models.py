@@ -185,3 +185,98 @@ class AttentionStack(torch.nn.Module):
             q, k = self.rotary_emb(positions, q, k)
             hidden_states = self.o_proj(self.attn[i](q, k, v))
         return hidden_states
+
+
+# ---------------------------------------------------------------- tensor parallel
+
+# The TP group name vLLM's collectives carry on these simulated graphs (no TP group on CPU).
+GROUP = "tp:0"
+
+
+def simulate_gpus(count: int) -> None:
+    """ParallelConfig checks the world size against the node's GPU count."""
+    from vllm.platforms import current_platform
+
+    type(current_platform).device_count = classmethod(lambda cls: count)
+
+
+def make_tp_config(*, tp: int = 2, dtype=torch.bfloat16, custom_ops=(), pass_config=None,
+                   optimization_level: int | None = None, **model_overrides):
+    """A VllmConfig of a tiny local model compiled with TP ``tp``."""
+    from vllm.config import (
+        CompilationConfig,
+        CompilationMode,
+        ModelConfig,
+        ParallelConfig,
+        PassConfig,
+        VllmConfig,
+    )
+
+    from tests.cpu.compile_harness import local_model_dir
+
+    model = local_model_dir(**model_overrides)
+    kwargs = {} if optimization_level is None else {"optimization_level": optimization_level}
+    return VllmConfig(
+        model_config=ModelConfig(model=model, tokenizer=model, dtype=dtype,
+                                 skip_tokenizer_init=True),
+        compilation_config=CompilationConfig(
+            mode=CompilationMode.VLLM_COMPILE, custom_ops=list(custom_ops),
+            pass_config=PassConfig(**(pass_config or {}))),
+        parallel_config=ParallelConfig(tensor_parallel_size=tp),
+        **kwargs,
+    )
+
+
+class AllReduceDecoderStack(torch.nn.Module):
+    """``num_layers`` Llama decoder layers under TP reduced to their all-reduce sites.
+
+    The embedding's all-reduce feeds the first input RMSNorm (no residual: the reduced value
+    becomes the residual); each row-parallel GEMM stand-in (attention's o_proj, the MLP's
+    down_proj) ends in ``vllm.all_reduce`` followed by a fused-add RMSNorm; the final norm's
+    residual output is unused. With ``quant``, each norm but the last feeds a static QuantFP8.
+    That is 1 + 2 * num_layers sites: one plain, the last without residual output.
+    ``column_gemm``: a column-parallel GEMM (qkv_proj, gate_up_proj) before each row-parallel
+    one, so the GEMM after a norm and the GEMM before an all-reduce are different nodes.
+    """
+
+    def __init__(self, hidden: int, dtype: torch.dtype, eps: float, quant: bool,
+                 num_layers: int = 2, column_gemm: bool = False):
+        super().__init__()
+        from vllm.model_executor.layers.layernorm import RMSNorm
+
+        self.dtype = dtype
+        self.num_layers = num_layers
+        self.norms = torch.nn.ModuleList(
+            RMSNorm(hidden, eps=eps, dtype=dtype) for _ in range(2 * num_layers + 1))
+        self.quant = make_quant("fp8-static") if quant else None
+        self.w_attn = torch.nn.Parameter(torch.randn(hidden, hidden, dtype=dtype), False)
+        self.w_mlp = torch.nn.Parameter(torch.randn(hidden, hidden, dtype=dtype), False)
+        self.w_column = torch.nn.Parameter(torch.randn(hidden, hidden, dtype=dtype), False) \
+            if column_gemm else None
+        self.scale = torch.nn.Parameter(torch.rand(1, dtype=torch.float32) + 0.5, False)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.vllm.all_reduce(x, group_name=GROUP)
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            q, scale = self.quant(x, self.scale)
+            x = q.to(self.dtype) * scale.to(self.dtype)
+        if self.w_column is not None:
+            x = x @ self.w_column
+        return self.all_reduce(x @ weight)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.all_reduce(embeds), None
+        for layer in range(self.num_layers):
+            norm_in, norm_post = self.norms[2 * layer], self.norms[2 * layer + 1]
+            if residual is None:
+                residual = hidden_states
+                hidden_states = norm_in(hidden_states)
+            else:
+                hidden_states, residual = norm_in(hidden_states, residual)
+            hidden_states = self.row_parallel(hidden_states, self.w_attn)
+            hidden_states, residual = norm_post(hidden_states, residual)
+            hidden_states = self.row_parallel(hidden_states, self.w_mlp)
+        hidden_states, _ = self.norms[-1](hidden_states, residual)
+        return hidden_states

@@ -17,7 +17,11 @@ def test_doctor_json_names_versions_kernels_and_fusions(capsys, kernels):
     assert report["fusions"]["fuse_norm_quant"] == "vllm_fusion pass"
     assert report["fusions"]["fuse_allreduce_rms"] == "vllm_fusion pass"
     assert report["fusions"]["fuse_attn_quant"] == "vllm_fusion pass"
-    assert report["fusions"]["enable_sp"] == "vLLM's pass (not yet replaced)"
+    from vllm_fusion import compat
+
+    on_026 = compat.release() is compat.VLLM_0_26
+    assert report["fusions"]["fuse_gemm_comms"] == (
+        "vLLM's pass (not yet replaced)" if on_026 else "none (vLLM 0.33.0 has no pass)")
     assert len(report["fusions"]) == 9
 
 
@@ -39,13 +43,15 @@ def test_doctor_says_what_the_installed_vllm_supports(capsys, kernels):
     if compat.release() is compat.VLLM_0_26:
         assert {"enable_sp", "fuse_gemm_comms"} <= set(api["pass_config_fusion_flags"])
         assert api["additional_config_settings"] == [] and api["unavailable"] == []
-        assert "enable_sp" in api["delegated"] and api["norm_canonicalization"] == []
+        assert "fuse_gemm_comms" in api["delegated"] and api["norm_canonicalization"] == []
+        assert report["fusions"]["enable_sp"] == "vllm_fusion pass"
     else:
         assert not {"enable_sp", "fuse_gemm_comms"} & set(api["pass_config_fusion_flags"])
         assert api["additional_config_settings"] == [
             "enable_sp", "fuse_gemm_comms", "sp_min_token_num"]
-        assert api["unavailable"] == ["enable_sp", "fuse_gemm_comms"]
-        assert report["fusions"]["enable_sp"] == "none (vLLM 0.33.0 has no pass)"
+        assert api["unavailable"] == ["fuse_gemm_comms"]
+        assert report["fusions"]["enable_sp"].startswith(
+            "vllm_fusion pass (off on vLLM 0.33.0: its model runner no longer pads")
         assert api["norm_canonicalization"] == ["AddRMSNormFusionPass", "RMSNormReshapeFusionPass"]
 
 

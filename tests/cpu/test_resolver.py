@@ -25,6 +25,7 @@ OWNED = ("fuse_act_padding", *QUANT_OWNED, *ROPE_OWNED)
 AR_OWNED = "fuse_allreduce_rms"
 # The package's pass on CUDA (vLLM's on ROCm), off by default until measured end to end.
 ATTN_OWNED = "fuse_attn_quant"
+SP_OWNED = "enable_sp"
 
 # Expectations written out independently of matrix.toml.
 FP8_PLATFORMS = {"sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950"}
@@ -74,8 +75,8 @@ def test_matrix_has_the_nine_fusions_every_platform_and_scheme():
     assert tuple(m.schemes) == SCHEMES
     for flag, cap in m.fusions.items():
         assert set(cap.schemes) == set(SCHEMES), flag
-        assert cap.implementation == ("vllm_fusion" if flag in (*OWNED, AR_OWNED, ATTN_OWNED)
-                                      else "vllm")
+        owned = (*OWNED, AR_OWNED, ATTN_OWNED, SP_OWNED)
+        assert cap.implementation == ("vllm_fusion" if flag in owned else "vllm")
         assert cap.unsupported and cap.fuses and cap.default
         for verdict in cap.schemes.values():
             assert verdict.reason
@@ -248,10 +249,10 @@ def test_package_options_in_the_decision():
     ({"schemes": {"fuse_norm_quant": ["fp8-bogus"]}},
      'additional_config["vllm_fusion"]["schemes"]["fuse_norm_quant"] must be a list of scheme '
      "families from fp8-static, fp8-per-token, fp8-group"),
-    ({"schemes": {"enable_sp": []}},
-     "unknown fusion 'enable_sp' in additional_config[\"vllm_fusion\"][\"schemes\"]; "
-     "allowed: fuse_act_padding, fuse_allreduce_rms, fuse_norm_quant, fuse_act_quant, "
-     "fuse_rope_kvcache, fuse_attn_quant, enable_qk_norm_rope_fusion"),
+    ({"schemes": {"fuse_gemm_comms": []}},
+     "unknown fusion 'fuse_gemm_comms' in additional_config[\"vllm_fusion\"][\"schemes\"]; "
+     "allowed: enable_sp, fuse_act_padding, fuse_allreduce_rms, fuse_norm_quant, "
+     "fuse_act_quant, fuse_rope_kvcache, fuse_attn_quant, enable_qk_norm_rope_fusion"),
     ({"schemes": ["fp8-group"]},
      'additional_config["vllm_fusion"]["schemes"] must be object, got'),
     ({"token_range": {"fuse_act_quant": [0, 10]}},

@@ -83,29 +83,76 @@ def _with_inputs(body, fused_add: bool, quant: bool):
     return fn
 
 
-class AllReduceRMSNormPattern(FusionPattern):
-    """all_reduce -> ``fused_add_rms_norm`` (``fused_add``) or ``rms_norm`` [-> static quant].
+class AllReduceNormSite(FusionPattern):
+    """The matched side: all_reduce -> ``fused_add_rms_norm`` (``fused_add``) or ``rms_norm``
+    [-> static quant], what a row-parallel layer and the next norm emit. Subclasses give the
+    replacement.
 
-    ``residual_out=False``: the fused-add form whose residual output is unused."""
+    ``residual_out=False``: the fused-add form whose residual output is unused (the final
+    norm)."""
 
-    def __init__(self, epsilon: float, dtype: torch.dtype, group_name: str,
-                 sizes: AllReduceSizes, fused_add: bool, scheme: FP8Scheme | None,
-                 residual_out: bool = True):
+    def __init__(self, epsilon: float, dtype: torch.dtype, group_name: str, fused_add: bool,
+                 scheme: FP8Scheme | None, residual_out: bool = True):
         self.epsilon = epsilon
         self.dtype = dtype
         self.group_name = group_name
-        self.sizes = sizes
         self.fused_add = fused_add
         self.scheme = scheme
         self.quant = scheme.matcher() if scheme is not None else None
         self.residual_out = residual_out
 
-    def describe(self) -> str:
+    def describe_site(self) -> str:
         add = "fused_add_" if self.fused_add else ""
         quant = f"+{self.scheme}" if self.scheme is not None else ""
         last = "" if self.residual_out else "/norm-only"
-        return (f"all_reduce[{self.group_name}]+{add}rms_norm{quant}{last}@eps={self.epsilon}"
-                f"/max={self.sizes.max_bytes}/one_shot={self.sizes.one_shot_bytes}")
+        return f"all_reduce[{self.group_name}]+{add}rms_norm{quant}{last}@eps={self.epsilon}"
+
+    def get_inputs(self) -> list[torch.Tensor]:
+        x = torch.empty(_TOKENS, _HIDDEN, dtype=self.dtype, device="cuda")
+        weight = torch.empty(_HIDDEN, dtype=self.dtype, device="cuda")
+        inputs = [x, weight]
+        if self.fused_add:
+            inputs.append(torch.empty_like(x))
+        if self.scheme is not None:
+            inputs.append(torch.empty(1, 1, dtype=torch.float32, device="cuda"))
+        return inputs
+
+    def _quantize(self, y, scale):
+        return y if self.scheme is None else self.scheme.quantize(self.quant, y, scale)[0]
+
+    def _signature(self, body):
+        """``body(x, weight, residual=None, scale=None)`` with this site's exact inputs."""
+        return _with_inputs(body, self.fused_add, self.scheme is not None)
+
+    @property
+    def pattern(self):
+        eps, name, quantize = self.epsilon, self.group_name, self._quantize
+        fused_add, residual_out = self.fused_add, self.residual_out
+
+        def body(x, weight, residual=None, scale=None):
+            reduced = _all_reduce(x, name)
+            if fused_add:
+                y, res = vllm.ir.ops.fused_add_rms_norm(reduced, residual, weight, eps)
+            else:
+                y, res = vllm.ir.ops.rms_norm(reduced, weight, eps), reduced
+            out = quantize(y, scale)
+            return (out, res) if residual_out else out
+
+        return self._signature(body)
+
+
+class AllReduceRMSNormPattern(AllReduceNormSite):
+    """The site -> this package's fused all-reduce + norm op."""
+
+    def __init__(self, epsilon: float, dtype: torch.dtype, group_name: str,
+                 sizes: AllReduceSizes, fused_add: bool, scheme: FP8Scheme | None,
+                 residual_out: bool = True):
+        super().__init__(epsilon, dtype, group_name, fused_add, scheme, residual_out)
+        self.sizes = sizes
+
+    def describe(self) -> str:
+        return (f"{self.describe_site()}/max={self.sizes.max_bytes}"
+                f"/one_shot={self.sizes.one_shot_bytes}")
 
     def extra_check(self, match: pm.Match) -> bool:
         """Only what the kernel takes: 16-bit activations, hidden a multiple of 8 up to 16384."""
@@ -124,39 +171,10 @@ class AllReduceRMSNormPattern(FusionPattern):
                 return False
         return True
 
-    def get_inputs(self) -> list[torch.Tensor]:
-        x = torch.empty(_TOKENS, _HIDDEN, dtype=self.dtype, device="cuda")
-        weight = torch.empty(_HIDDEN, dtype=self.dtype, device="cuda")
-        inputs = [x, weight]
-        if self.fused_add:
-            inputs.append(torch.empty_like(x))
-        if self.scheme is not None:
-            inputs.append(torch.empty(1, 1, dtype=torch.float32, device="cuda"))
-        return inputs
-
-    def _quantize(self, y, scale):
-        return y if self.scheme is None else self.scheme.quantize(self.quant, y, scale)[0]
-
-    @property
-    def pattern(self):
-        eps, name, quantize = self.epsilon, self.group_name, self._quantize
-        fused_add, residual_out, quant = self.fused_add, self.residual_out, self.scheme
-
-        def body(x, weight, residual=None, scale=None):
-            reduced = _all_reduce(x, name)
-            if fused_add:
-                y, res = vllm.ir.ops.fused_add_rms_norm(reduced, residual, weight, eps)
-            else:
-                y, res = vllm.ir.ops.rms_norm(reduced, weight, eps), reduced
-            out = quantize(y, scale)
-            return (out, res) if residual_out else out
-
-        return _with_inputs(body, fused_add, quant is not None)
-
     @property
     def replacement(self):
         eps, name, sizes = self.epsilon, self.group_name, self.sizes
-        fused_add, residual_out, quant = self.fused_add, self.residual_out, self.scheme
+        residual_out = self.residual_out
         op = getattr(torch.ops.vllm_fusion, OP_NAME)
 
         def body(x, weight, residual=None, scale=None):
@@ -164,7 +182,7 @@ class AllReduceRMSNormPattern(FusionPattern):
                           sizes.one_shot_bytes)
             return (out, res) if residual_out else out
 
-        return _with_inputs(body, fused_add, quant is not None)
+        return self._signature(body)
 
 
 class AllReduceFusionPass(FusionPass):

@@ -94,11 +94,15 @@ class FusionPass(VllmFusionPatternMatcherPass):
         )
         self._pattern_replacements.append(pr)
 
+    def rewrite(self, graph: torch.fx.Graph) -> int:
+        """Apply the patterns; returns the number of replacements."""
+        return self.pm_pass.apply(graph)
+
     @VllmInductorPass.time_and_log
     def __call__(self, graph: torch.fx.Graph) -> None:
         saved = graph_snapshot.snapshot(graph)
         try:
-            matched = self.pm_pass.apply(graph)
+            matched = self.rewrite(graph)
         except Exception as e:  # a broken rewrite must never stop vLLM
             graph_snapshot.restore(graph, saved)
             self.matched_count = 0

@@ -37,7 +37,13 @@ class Fusion:
 
 # Order of PostGradPassManager.configure in vLLM 0.26.
 FUSIONS: tuple[Fusion, ...] = (
-    Fusion("enable_sp", ("SequenceParallelismPass",)),
+    Fusion(
+        "enable_sp",
+        ("SequenceParallelismPass",),
+        "vllm_fusion.passes.sequence_parallelism:SequenceParallelismPass",
+        # vLLM builds its AsyncTPPass (fuse_gemm_comms) only beside its own SP pass.
+        "vllm_fusion.passes.sequence_parallelism:vllm_async_tp_passes",
+    ),
     Fusion("fuse_gemm_comms", ("AsyncTPPass",)),
     Fusion(
         "fuse_act_padding",
