@@ -29,6 +29,25 @@ def make_quant(scheme: str):
     )
 
 
+def run_decoder(norms, hidden_states: torch.Tensor, num_layers: int, attention, mlp):
+    """A Llama decoder's residual stream: per layer the input norm (plain the first time, the
+    reduced value becoming the residual; fused-add after), ``attention``, the post-attention
+    fused-add norm and ``mlp``; then the final norm, whose residual output is unused."""
+    residual = None
+    for layer in range(num_layers):
+        norm_in, norm_post = norms[2 * layer], norms[2 * layer + 1]
+        if residual is None:
+            residual = hidden_states
+            hidden_states = norm_in(hidden_states)
+        else:
+            hidden_states, residual = norm_in(hidden_states, residual)
+        hidden_states = attention(hidden_states)
+        hidden_states, residual = norm_post(hidden_states, residual)
+        hidden_states = mlp(hidden_states)
+    hidden_states, _ = norms[-1](hidden_states, residual)
+    return hidden_states
+
+
 class QuantizedDecoderStack(torch.nn.Module):
     """``num_layers`` Llama decoder layers reduced to their fusion sites.
 
@@ -77,20 +96,10 @@ class QuantizedDecoderStack(torch.nn.Module):
         return (q.to(self.dtype) @ weight) * scale.to(self.dtype).amax()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = None
-        for layer in range(self.num_layers):
-            norm_in, norm_post = self.norms[2 * layer], self.norms[2 * layer + 1]
-            if residual is None:
-                residual = hidden_states
-                hidden_states = norm_in(hidden_states)
-            else:
-                hidden_states, residual = norm_in(hidden_states, residual)
-            hidden_states = self.gemm(hidden_states, self.w_attn)
-            hidden_states, residual = norm_post(hidden_states, residual)
-            hidden_states = self.gemm(hidden_states, self.w_up)
-            hidden_states = self.gemm(self.act(hidden_states), self.w_down)
-        hidden_states, _ = self.norms[-1](hidden_states, residual)
-        return hidden_states
+        return run_decoder(
+            self.norms, hidden_states, self.num_layers,
+            attention=lambda h: self.gemm(h, self.w_attn),
+            mlp=lambda h: self.gemm(self.act(self.gemm(h, self.w_up)), self.w_down))
 
 
 def init_single_process_parallel() -> None:
@@ -267,16 +276,37 @@ class AllReduceDecoderStack(torch.nn.Module):
         return self.all_reduce(x @ weight)
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        hidden_states, residual = self.all_reduce(embeds), None
-        for layer in range(self.num_layers):
-            norm_in, norm_post = self.norms[2 * layer], self.norms[2 * layer + 1]
-            if residual is None:
-                residual = hidden_states
-                hidden_states = norm_in(hidden_states)
-            else:
-                hidden_states, residual = norm_in(hidden_states, residual)
-            hidden_states = self.row_parallel(hidden_states, self.w_attn)
-            hidden_states, residual = norm_post(hidden_states, residual)
-            hidden_states = self.row_parallel(hidden_states, self.w_mlp)
-        hidden_states, _ = self.norms[-1](hidden_states, residual)
-        return hidden_states
+        return run_decoder(
+            self.norms, self.all_reduce(embeds), self.num_layers,
+            attention=lambda h: self.row_parallel(h, self.w_attn),
+            mlp=lambda h: self.row_parallel(h, self.w_mlp))
+
+
+# ---------------------------------------------------------------- compiled attention stacks
+
+ATTENTION_HIDDEN = 256
+
+
+def attention_model_args(geometry: dict) -> dict:
+    """The model config fields of an attention geometry (head size, q and kv heads)."""
+    return {"head_dim": geometry["head_size"], "num_attention_heads": geometry["num_heads"],
+            "num_key_value_heads": geometry["num_kv_heads"]}
+
+
+def compile_attention_stack(config, *, dtype: torch.dtype, tokens: int = 7, **stack_args):
+    """Compile an ``AttentionStack(**stack_args)`` (hidden 256) under ``config`` through vLLM's
+    post-grad passes; the pass run, with ``.config`` set."""
+    from vllm.config import set_current_vllm_config
+
+    from tests.cpu.compile_harness import run_post_grad_passes
+
+    with set_current_vllm_config(config):
+        init_single_process_parallel()
+    result = run_post_grad_passes(
+        lambda: AttentionStack(hidden=ATTENTION_HIDDEN, dtype=dtype,
+                               cache_config=config.cache_config, **stack_args),
+        lambda: [torch.zeros(tokens, dtype=torch.int64),
+                 torch.empty(tokens, ATTENTION_HIDDEN, dtype=dtype)],
+        config, dynamic_dims={0: 0, 1: 0})
+    result.config = config
+    return result

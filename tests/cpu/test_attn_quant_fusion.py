@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from tests.cpu.compile_harness import make_vllm_config, run_post_grad_passes
-from tests.cpu.models import AttentionStack, init_single_process_parallel
+from tests.cpu.models import (
+    AttentionStack,
+    attention_model_args,
+    compile_attention_stack,
+    init_single_process_parallel,
+)
 
 ATTN_PASS = "vllm_fusion:AttnQuantFusionPass"
 VLLM_ATTN_PASS = "vllm:AttnQuantFusionPass"
@@ -34,29 +39,13 @@ pytestmark = pytest.mark.usefixtures("pass_hook")
 def compile_attention(*, backend="TRITON_ATTN", custom_quant=True, dtype=torch.bfloat16,
                       geometry=GQA, num_layers=2, pass_config=None, tokens=7,
                       kv_sharing_last=False, additional_config=None):
-    from vllm.config import set_current_vllm_config
-
     config = make_vllm_config(
         dtype=dtype, custom_ops=["+quant_fp8"] if custom_quant else ["-quant_fp8"],
         pass_config={"fuse_attn_quant": True} if pass_config is None else pass_config,
-        additional_config=additional_config,
-        head_dim=geometry["head_size"], num_attention_heads=geometry["num_heads"],
-        num_key_value_heads=geometry["num_kv_heads"])
-    with set_current_vllm_config(config):
-        init_single_process_parallel()
-    hidden = 256
-
-    def make_model():
-        return AttentionStack(hidden=hidden, dtype=dtype, cache_config=config.cache_config,
-                              backend=backend, num_layers=num_layers, o_proj_fp8=True,
-                              kv_sharing_last=kv_sharing_last, **geometry)
-
-    result = run_post_grad_passes(
-        make_model,
-        lambda: [torch.zeros(tokens, dtype=torch.int64), torch.empty(tokens, hidden, dtype=dtype)],
-        config, dynamic_dims={0: 0, 1: 0})
-    result.config = config
-    return result
+        additional_config=additional_config, **attention_model_args(geometry))
+    return compile_attention_stack(config, dtype=dtype, tokens=tokens, backend=backend,
+                                   num_layers=num_layers, o_proj_fp8=True,
+                                   kv_sharing_last=kv_sharing_last, **geometry)
 
 
 def attention_calls(result) -> list[str]:

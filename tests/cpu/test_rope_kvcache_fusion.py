@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from tests.cpu.compile_harness import make_vllm_config, run_post_grad_passes
-from tests.cpu.models import AttentionStack, init_single_process_parallel
+from tests.cpu.models import (
+    AttentionStack,
+    attention_model_args,
+    compile_attention_stack,
+    init_single_process_parallel,
+)
 from tests.cpu.rope_kernel_shim import ensure_rope_kernel_op
 from vllm_fusion import compat
 
@@ -48,30 +53,15 @@ def compile_attention(*, pass_config=None, geometry=GQA, qk_norm_eps=None, is_ne
                       dtype=torch.bfloat16, compilation=None, tokens=7, num_layers=2,
                       kv_sharing_last=False):
     """Compile an AttentionStack with the package's hooks and return the pass run."""
-    from vllm.config import set_current_vllm_config
-
     config = make_vllm_config(
         dtype=dtype, compilation=compilation,
         pass_config={"fuse_rope_kvcache": True} if pass_config is None else pass_config,
-        head_dim=geometry["head_size"], num_attention_heads=geometry["num_heads"],
-        num_key_value_heads=geometry["num_kv_heads"])
+        **attention_model_args(geometry))
     config.cache_config.cache_dtype = cache_dtype
-    with set_current_vllm_config(config):
-        init_single_process_parallel()
-    hidden = 256
-
-    def make_model():
-        return AttentionStack(hidden=hidden, dtype=dtype, cache_config=config.cache_config,
-                              is_neox=is_neox, rotary_dim=rotary_dim, qk_norm_eps=qk_norm_eps,
-                              backend=backend, num_layers=num_layers,
-                              kv_sharing_last=kv_sharing_last, **geometry)
-
-    result = run_post_grad_passes(
-        make_model,
-        lambda: [torch.zeros(tokens, dtype=torch.int64), torch.empty(tokens, hidden, dtype=dtype)],
-        config, dynamic_dims={0: 0, 1: 0})
-    result.config = config
-    return result
+    return compile_attention_stack(config, dtype=dtype, tokens=tokens, is_neox=is_neox,
+                                   rotary_dim=rotary_dim, qk_norm_eps=qk_norm_eps,
+                                   backend=backend, num_layers=num_layers,
+                                   kv_sharing_last=kv_sharing_last, **geometry)
 
 
 def fused_calls(result) -> list[str]:

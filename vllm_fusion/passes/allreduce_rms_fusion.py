@@ -83,6 +83,16 @@ def _with_inputs(body, fused_add: bool, quant: bool):
     return fn
 
 
+def site_variants(flag: str, settings: FusionSettings):
+    """(epsilon, scheme, fused_add, residual_out) of every all-reduce + norm site form, larger
+    patterns first: quant before plain, fused-add before the first norm."""
+    schemes = [FP8_STATIC] if settings.fuses_scheme(flag, FP8_STATIC.family) else []
+    for epsilon in EPSILONS:
+        for scheme in [*schemes, None]:
+            for fused_add, residual_out in ((True, True), (True, False), (False, True)):
+                yield epsilon, scheme, fused_add, residual_out
+
+
 class AllReduceNormSite(FusionPattern):
     """The matched side: all_reduce -> ``fused_add_rms_norm`` (``fused_add``) or ``rms_norm``
     [-> static quant], what a row-parallel layer and the next norm emit. Subclasses give the
@@ -206,13 +216,9 @@ class AllReduceFusionPass(FusionPass):
         self.min_tokens, self.max_tokens = token_bounds(config, self.sizes)
         dtype = self.pattern_dtype()
         group_name = tp_group_name()
-        schemes = [FP8_STATIC] if settings.fuses_scheme(self.flag, FP8_STATIC.family) else []
-        for epsilon in EPSILONS:
-            # Larger patterns first: quant before plain, fused-add before the first norm.
-            for scheme in [*schemes, None]:
-                for fused_add, residual_out in ((True, True), (True, False), (False, True)):
-                    self.register(AllReduceRMSNormPattern(
-                        epsilon, dtype, group_name, self.sizes, fused_add, scheme, residual_out))
+        for epsilon, scheme, fused_add, residual_out in site_variants(self.flag, settings):
+            self.register(AllReduceRMSNormPattern(
+                epsilon, dtype, group_name, self.sizes, fused_add, scheme, residual_out))
         self.dump_patterns(config, self.pm_pass)
 
     def is_applicable_for_range(self, compile_range) -> bool:

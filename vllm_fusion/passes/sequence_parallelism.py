@@ -32,9 +32,13 @@ from vllm.config import VllmConfig
 from vllm_fusion.config import FusionSettings
 from vllm_fusion.logger import init_logger
 from vllm_fusion.matrix import load_matrix
-from vllm_fusion.passes.allreduce_rms_fusion import AllReduceNormSite, tp_group_name
+from vllm_fusion.passes.allreduce_rms_fusion import (
+    AllReduceNormSite,
+    site_variants,
+    tp_group_name,
+)
 from vllm_fusion.passes.base import FusionPass
-from vllm_fusion.passes.quant_schemes import EPSILONS, FP8_STATIC, FP8Scheme
+from vllm_fusion.passes.quant_schemes import FP8Scheme
 
 logger = init_logger(__name__)
 
@@ -139,14 +143,9 @@ class SequenceParallelismPass(FusionPass):
         self.noop_cleanup = NoOpEliminationPass(config)
         self.noop_cleanup.pass_name = f"{self.name}.{self.noop_cleanup.pass_name}"
         dtype, group_name, rank = self.pattern_dtype(), tp_group_name(), tp_rank()
-        schemes = [FP8_STATIC] if settings.fuses_scheme(self.flag, FP8_STATIC.family) else []
-        for epsilon in EPSILONS:
-            # Larger patterns first: quant before plain, fused-add before the first norm.
-            for scheme in [*schemes, None]:
-                for fused_add, residual_out in ((True, True), (True, False), (False, True)):
-                    self.register(SequenceParallelPattern(
-                        epsilon, dtype, group_name, self.tp_size, rank, fused_add, scheme,
-                        residual_out))
+        for epsilon, scheme, fused_add, residual_out in site_variants(self.flag, settings):
+            self.register(SequenceParallelPattern(epsilon, dtype, group_name, self.tp_size, rank,
+                                                  fused_add, scheme, residual_out))
         self.dump_patterns(config, self.pm_pass)
 
     def is_applicable_for_range(self, compile_range) -> bool:
