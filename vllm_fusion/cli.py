@@ -145,7 +145,7 @@ def vllm_api_report() -> dict:
     """What the installed vLLM offers the package: the fusion flags its PassConfig has, which
     fusions the package owns or leaves to vLLM, and the settings read from additional_config."""
     from vllm_fusion import compat
-    from vllm_fusion.passes.registry import FUSIONS
+    from vllm_fusion.passes.registry import ownership
 
     try:
         fields = sorted(f for f in compat.pass_config_fields()
@@ -156,11 +156,7 @@ def vllm_api_report() -> dict:
     return {
         "release": release.version,
         "pass_config_fusion_flags": fields,
-        "owned": [f.flag for f in FUSIONS if f.package_pass],
-        "delegated": [f.flag for f in FUSIONS
-                      if not f.package_pass and release.has_vllm_pass(f.flag)],
-        "unavailable": [f.flag for f in FUSIONS
-                        if not f.package_pass and not release.has_vllm_pass(f.flag)],
+        **ownership(release),
         "additional_config_settings": list(release.additional_config_settings),
         "norm_canonicalization": list(release.canonicalization_passes),
     }

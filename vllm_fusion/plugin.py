@@ -7,9 +7,9 @@ is logged and vLLM runs without the package's fusions.
 
 from __future__ import annotations
 
-from vllm_fusion import _kernels
+from vllm_fusion import _kernels, compat
 from vllm_fusion.logger import init_logger
-from vllm_fusion.passes.registry import FUSIONS
+from vllm_fusion.passes.registry import ownership
 from vllm_fusion.version import SUPPORTED_VLLM, __version__
 
 logger = init_logger(__name__)
@@ -65,10 +65,9 @@ def _register() -> None:
     install_config_validation()
     install_splitting_ops_hook()
     install_compile_ranges_hook()
-    owned = [f.flag for f in FUSIONS if f.package_pass is not None]
-    delegated = [f.flag for f in FUSIONS if f.package_pass is None]
+    who = ownership(compat.release())
     logger.info(
-        "vllm_fusion %s: %s; fusions: %s; vLLM's own pass kept for: %s",
-        __version__, kernels.describe(), ", ".join(owned) or "none",
-        ", ".join(delegated) or "none",
+        "vllm_fusion %s: %s; fusions: %s; vLLM's own pass kept for: %s; no pass in this vLLM: "
+        "%s", __version__, kernels.describe(), ", ".join(who["owned"]) or "none",
+        ", ".join(who["delegated"]) or "none", ", ".join(who["unavailable"]) or "none",
     )

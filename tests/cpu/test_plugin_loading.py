@@ -83,7 +83,16 @@ def test_vllm_loads_plugin_once_and_installs_hooks():
     info = [l for l in output.splitlines() if f"vllm_fusion {__version__}:" in l]
     assert len(info) == 1, output[-2000:]
     assert "INFO" in info[0]
-    assert "fusions: fuse_act_padding, fuse_allreduce_rms, fuse_norm_quant, fuse_act_quant" in info[0]
+    assert ("fusions: enable_sp, fuse_act_padding, fuse_allreduce_rms, fuse_norm_quant, "
+            "fuse_act_quant") in info[0]
+    from vllm_fusion import compat
+
+    # What vLLM itself still runs, and what no one has, with this vLLM.
+    if compat.release() is compat.VLLM_0_26:
+        tail = "vLLM's own pass kept for: fuse_gemm_comms; no pass in this vLLM: none"
+    else:
+        tail = "vLLM's own pass kept for: none; no pass in this vLLM: fuse_gemm_comms"
+    assert info[0].endswith(tail), info[0]
 
 
 @pytest.mark.parametrize(

@@ -92,3 +92,15 @@ def by_flag(flag: str) -> Fusion:
         if fusion.flag == flag:
             return fusion
     raise KeyError(f"unknown fusion {flag!r}; known: {', '.join(FUSION_FLAGS)}")
+
+
+def ownership(release) -> dict[str, list[str]]:
+    """Who runs each fusion with this vLLM ``release``: ``owned`` (this package's pass),
+    ``delegated`` (vLLM's pass) and ``unavailable`` (neither has one)."""
+    return {
+        "owned": [f.flag for f in FUSIONS if f.package_pass],
+        "delegated": [f.flag for f in FUSIONS
+                      if not f.package_pass and release.has_vllm_pass(f.flag)],
+        "unavailable": [f.flag for f in FUSIONS
+                        if not f.package_pass and not release.has_vllm_pass(f.flag)],
+    }
