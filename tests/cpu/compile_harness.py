@@ -17,6 +17,7 @@ pass context for the compile range.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import tempfile
 from collections.abc import Callable, Iterable
@@ -123,6 +124,10 @@ class PassRun:
     manager: Any = field(repr=False)
     # The post-grad graph as text (node names included), for exact comparisons.
     graph_after: str = field(default="", repr=False)
+    # fake=False: what the post-grad graph returned, and the real model and inputs.
+    output: Any = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)
+    inputs: Any = field(default=None, repr=False)
 
     def count(self, op: str, *, after: bool = True) -> int:
         return (self.ops_after if after else self.ops_before)[op]
@@ -144,11 +149,14 @@ def run_post_grad_passes(
     *,
     compile_range: tuple[int, int] = (1, 8192),
     dynamic_dims: dict[int, int] | None = None,
+    fake: bool = True,
 ) -> PassRun:
     """Compile ``make_model()(*make_inputs())`` and run vLLM's post-grad passes on it.
 
     ``dynamic_dims`` maps input index -> dimension to mark dynamic (default: dim 0
-    of input 0, the token dimension, as vLLM compiles).
+    of input 0, the token dimension, as vLLM compiles). ``fake=False`` (GPU tests): a real
+    model and real inputs; ``PassRun.output`` is what the graph after the passes returns, and
+    ``PassRun.model``/``inputs`` are there to compute the eager reference from.
     """
     from vllm.compilation.passes.inductor_pass import get_pass_context, pass_context
     from vllm.compilation.passes.ir.inplace_functionalization import (
@@ -187,7 +195,7 @@ def run_post_grad_passes(
             return post_grad(gm, example_inputs)
 
         torch._dynamo.reset()
-        fake_mode = FakeTensorMode()
+        fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
         with fake_mode, torch.device("cuda"):
             model = make_model()
             inputs = make_inputs()
@@ -197,7 +205,7 @@ def run_post_grad_passes(
             torch._dynamo.mark_dynamic(inputs[index], dim)
         # Stay in fake mode: factory ops inside the graph must not touch a device.
         with fake_mode:
-            torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+            output = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
         assert get_pass_context() is not None
 
     return PassRun(
@@ -210,4 +218,7 @@ def run_post_grad_passes(
         uuid=captured["uuid"],
         manager=manager,
         graph_after=captured["graph_after"],
+        output=None if fake else output,
+        model=None if fake else model,
+        inputs=None if fake else inputs,
     )
