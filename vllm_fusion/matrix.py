@@ -47,6 +47,8 @@ class SpThreshold:
     min_hidden: int
     per_gpu_bytes: int
     measured: str = ""
+    # What turning SP on costs the batches below the threshold (measured), or "".
+    decode_cost: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]
 
 
 def _sp_thresholds(raw: dict, where: str, platforms: dict) -> dict[str, SpThreshold]:
-    """``[<fusion>.sp_thresholds.<platform>]``: min_hidden, per_gpu_mib, measured."""
+    """``[<fusion>.sp_thresholds.<platform>]``: min_hidden, per_gpu_mib, measured, decode_cost."""
     rows = {}
     for pid, row in raw.items():
         if platforms and pid not in platforms:
@@ -233,7 +235,12 @@ def _sp_thresholds(raw: dict, where: str, platforms: dict) -> dict[str, SpThresh
                               f"required ({e})") from None
         if min_hidden < 0 or per_gpu_mib <= 0:
             raise MatrixError(f"{where}.{pid}: min_hidden >= 0 and per_gpu_mib > 0")
-        rows[pid] = SpThreshold(min_hidden, int(per_gpu_mib * 2**20), row.get("measured", ""))
+        decode_cost = row.get("decode_cost", "")
+        if not isinstance(decode_cost, str):
+            raise MatrixError(f"{where}.{pid}.decode_cost: a string (the measurement), got "
+                              f"{decode_cost!r}")
+        rows[pid] = SpThreshold(min_hidden, int(per_gpu_mib * 2**20), row.get("measured", ""),
+                                decode_cost)
     return rows
 
 

@@ -143,11 +143,11 @@ def render_markdown() -> str:
             add("")
         if cap.sp_thresholds:
             add("| platform | models with hidden >= | from activations per all-reduce | "
-                "measurement |")
-            add("|---|---|---|---|")
+                "measurement | cost below the threshold |")
+            add("|---|---|---|---|---|")
             for pid, t in cap.sp_thresholds.items():
                 add(f"| `{pid}` | {t.min_hidden} | {_mib(t.per_gpu_bytes)} x TP | "
-                    f"{_cell(t.measured)} |")
+                    f"{_cell(t.measured)} | {_cell(t.decode_cost or 'not measured')} |")
             add("")
             add("`pass_config.sp_min_token_num` replaces the threshold.")
             add("")

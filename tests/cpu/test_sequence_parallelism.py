@@ -174,9 +174,34 @@ def test_explicit_threshold_wins():
     assert sp_min_token_num(sp_config(hidden=4096), "sm89") == MIN_TOKENS
 
 
+@on_vllm_026
+def test_turning_sp_on_warns_what_decode_measured(vllm_logs):
+    from vllm_fusion.matrix import load_matrix
+
+    compile_stack()
+    cost = load_matrix()["enable_sp"].sp_thresholds["sm90"].decode_cost
+    assert "model runner for V1" in cost
+    assert f"for it applies to every batch; measured on sm90: {cost}" in vllm_logs.text
+
+
+@on_vllm_026
+def test_no_decode_warning_where_nothing_was_measured(vllm_logs, monkeypatch):
+    import dataclasses
+
+    from vllm_fusion.matrix import load_matrix
+
+    rows = load_matrix()["enable_sp"].sp_thresholds
+    monkeypatch.setitem(rows, "sm90", dataclasses.replace(rows["sm90"], decode_cost=""))
+    result = compile_stack()
+    assert result.matches[SP_PASS] == 5
+    assert "applies to every batch" not in vllm_logs.text
+
+
 @pytest.mark.parametrize("row, message", [
     ({"per_gpu_mib": 8}, "min_hidden and per_gpu_mib (numbers) are required"),
     ({"min_hidden": 8192, "per_gpu_mib": 0}, "per_gpu_mib > 0"),
+    ({"min_hidden": 8192, "per_gpu_mib": 8, "decode_cost": 1.9},
+     "decode_cost: a string (the measurement), got 1.9"),
 ])
 def test_bad_threshold_rows_are_rejected(row, message):
     from vllm_fusion.matrix import MatrixError, _sp_thresholds

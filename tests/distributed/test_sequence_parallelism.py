@@ -82,9 +82,17 @@ def _compare(rank: int, world: int, port: int, quant: bool, async_tp: bool) -> N
         reference = run.model(inputs.clone())
     out = run.output
     assert out.shape == reference.shape and out.dtype == reference.dtype
-    # Reduce-scatter + all-gather sums in another order than NCCL's all-reduce: bf16 rounding.
     err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
-    assert err <= 2e-2, f"rank {rank}: relative error {err:.3e}"
+    assert err <= _tolerance(quant), f"rank {rank}: relative error {err:.3e}"
+
+
+def _tolerance(quant: bool) -> float:
+    """Reduce-scatter + all-gather sum in another order than NCCL's all-reduce: bf16 rounding.
+    With static FP8 between the layers, a sum rounded differently can also cross an e4m3
+    rounding boundary (one step is 2**-3 of the value), and the next GEMM spreads that over
+    the row: 2.9e-2 measured at TP4 on H200. A wrong rewrite (lost residual, wrong shard)
+    is off by O(1)."""
+    return 6e-2 if quant else 2e-2
 
 
 @pytest.mark.parametrize("world", [2, 4])

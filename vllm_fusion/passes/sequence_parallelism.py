@@ -137,6 +137,7 @@ class SequenceParallelismPass(FusionPass):
                 "the platform's minimum, or none measured); set pass_config.sp_min_token_num "
                 "to force it", self.flag, settings.platform)
             return
+        warn_decode_cost(settings.platform)
         max_batched = config.scheduler_config.max_num_batched_tokens
         if max_batched is not None:
             self.min_tokens = min(self.min_tokens, max_batched)
@@ -163,6 +164,15 @@ class SequenceParallelismPass(FusionPass):
         if matched:  # inside the rewrite: a failure here puts the graph back too
             self.noop_cleanup(graph)
         return matched
+
+
+def warn_decode_cost(platform: str) -> None:
+    """SP changes how vLLM runs every batch, not only those it splits: say what that measured."""
+    row = load_matrix()[FLAG].sp_thresholds.get(platform)
+    if row is not None and row.decode_cost:
+        logger.warning_once(
+            "vllm_fusion: %s splits batches from the threshold up, but vLLM's configuration "
+            "for it applies to every batch; measured on %s: %s", FLAG, platform, row.decode_cost)
 
 
 def needs_no_split(config: VllmConfig) -> bool:
