@@ -309,6 +309,24 @@ def test_plan_files_and_command_line_precedence(tmp_path, capsys):
     assert "VLLM_LOGGING_LEVEL=DEBUG" in out and "--num-iters 5" in out
 
 
+@pytest.mark.parametrize("name, runs, expect", [
+    ("sp-prefill.toml", 3, ["--input-len 2048", "-cc.pass_config.fuse_gemm_comms=True",
+                            "VLLM_PLUGINS='' ", "-cc.pass_config.fuse_allreduce_rms=False"]),
+    ("sp-decode-cost.toml", 5, ["VLLM_USE_V2_MODEL_RUNNER=0", "'-cc.splitting_ops=[]'",
+                                "-cc.cudagraph_mode=FULL",
+                                "-cc.use_inductor_graph_partition=True"]),
+])
+def test_shipped_plans_plan_what_their_reports_ran(name, runs, expect, capsys):
+    path = E2E / "plans" / name
+    assert run_mod.main(["--plan", str(path), "--tp", "4", "--dry-run",
+                         "--model-root", "/opt/devpack/models"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bench latency --model /opt/devpack/models/llama3-70b-8l ") == runs
+    assert out.count("--tensor-parallel-size 4") == runs and out.count("--max-num-seqs 8") == runs
+    for text in expect:
+        assert text in out, text
+
+
 def test_yaml_plan():
     pytest.importorskip("yaml")
     assert plan.parse_plan("models: [a]\ntp: [1, 2]\n", ".yaml") == {"models": ["a"], "tp": [1, 2]}
