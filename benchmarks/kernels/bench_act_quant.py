@@ -25,13 +25,11 @@ from common import (  # noqa: E402
     common_args,
     compile_inductor,
     finish,
-    load_vllm_ops,
+    parse_and_load,
     rotation,
     time_row,
-    torch_dtype,
 )
 
-from vllm_fusion import _kernels  # noqa: E402
 from vllm_fusion import ops as vf  # noqa: E402
 
 # scheme -> group_size (None: static)
@@ -105,15 +103,10 @@ def make_impls(group, fp8, have_vllm):
 def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, choices=list(SCHEMES))
-    args = p.parse_args()
-    status = _kernels.load()
-    if not status.loaded:
-        sys.exit(f"vllm_fusion kernels unavailable: {status.reason}")
-    dtype = torch_dtype(args.dtype)
-    elem = torch.finfo(dtype).bits // 8
+    setup = parse_and_load(p)
+    args, dtype, elem, wanted = setup.args, setup.dtype, setup.elem, setup.impls
+    have_vllm = "vllm" in wanted
     fp8 = vf.fp8_dtype()
-    have_vllm = "vllm" in args.impls and load_vllm_ops(args.vllm_lib)
-    wanted = [i for i in args.impls if i != "vllm" or have_vllm]
 
     rows: list[Row] = []
     for scheme in args.schemes:

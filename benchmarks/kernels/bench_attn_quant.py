@@ -33,63 +33,26 @@ from common import Row, common_args, compile_inductor, finish, rotation, time_ro
 
 from vllm_fusion.ops import fp8_dtype  # noqa: E402
 from vllm_fusion.ops.fp8 import static_fp8_quant_ref  # noqa: E402
+from vllm_fusion.testing import TritonAttention, paged_kv_cache  # noqa: E402
 
 BLOCK = 16
-SEGMENTS = 16  # TRITON_ATTN's NUM_PAR_SOFTMAX_SEGMENTS
 SPLIT_KV_MAX_SEQS = 16  # TRITON_ATTN's 3D threshold: 128 // kv heads for 8 kv heads
 
 
 def make_batch(query_lens, context_lens, hq, hkv, d, dtype):
-    """q, the paged K/V caches with a shuffled block table, and the sequence metadata."""
-    blocks = [-(-n // BLOCK) for n in context_lens]
-    num_blocks = sum(blocks)
-    k = torch.randn(num_blocks, BLOCK, hkv, d, device="cuda").to(dtype)
-    v = torch.randn(num_blocks, BLOCK, hkv, d, device="cuda").to(dtype)
-    order = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
-    table = torch.zeros(len(blocks), max(blocks), dtype=torch.int32, device="cuda")
-    start = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = order[start:start + n]
-        start += n
+    """q and the paged K/V caches with their block table."""
     q = torch.randn(sum(query_lens), hq, d, device="cuda").to(dtype)
-    return q, k, v, table
+    return (q, *paged_kv_cache(context_lens, hkv, d, dtype, block_size=BLOCK))
 
 
-class Attention:
-    """One TRITON_ATTN call for a fixed batch layout (what the backend passes per step)."""
-
-    def __init__(self, query_lens, context_lens, hq, hkv, d):
-        from vllm.v1.attention.ops.triton_unified_attention import (  # noqa: PLC0415
-            unified_attention,
-        )
-
-        self.fn = unified_attention
-        i32 = {"dtype": torch.int32, "device": "cuda"}
-        self.cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], **i32)
-        self.seqused = torch.tensor(context_lens, **i32)
-        self.max_q, self.max_k = max(query_lens), max(context_lens)
-        self.ones = torch.ones(len(query_lens), hkv, dtype=torch.float32, device="cuda")
-        self.scale = d ** -0.5
-        self.split_kv = {}
-        if self.max_q == 1 and len(query_lens) <= SPLIT_KV_MAX_SEQS:
-            n, dp = SPLIT_KV_MAX_SEQS, 1 << (d - 1).bit_length()
-            f32 = {"dtype": torch.float32, "device": "cuda"}
-            self.split_kv = {
-                "seq_threshold_3D": n, "num_par_softmax_segments": SEGMENTS,
-                "softmax_segm_output": torch.empty(n, hq, SEGMENTS, dp, **f32),
-                "softmax_segm_max": torch.empty(n, hq, SEGMENTS, **f32),
-                "softmax_segm_expsum": torch.empty(n, hq, SEGMENTS, **f32)}
-
-    def __call__(self, q, k, v, table, out, output_scale=None):
-        self.fn(q=q, k=k, v=v, out=out, cu_seqlens_q=self.cu, max_seqlen_q=self.max_q,
-                seqused_k=self.seqused, max_seqlen_k=self.max_k, softmax_scale=self.scale,
-                causal=True, window_size=(-1, -1), block_table=table, softcap=0,
-                q_descale=None, k_descale=self.ones, v_descale=self.ones,
-                output_scale=output_scale, **self.split_kv)
-        return out
+def attention_for(query_lens, context_lens, hq, hkv, d) -> TritonAttention:
+    """Decode batches of at most SPLIT_KV_MAX_SEQS run the 3D kernel, as in vLLM."""
+    decode_3d = max(query_lens) == 1 and len(query_lens) <= SPLIT_KV_MAX_SEQS
+    return TritonAttention(query_lens, context_lens, hq, hkv, d,
+                           split_kv_seqs=SPLIT_KV_MAX_SEQS if decode_3d else None)
 
 
-def make_impls(attn: Attention, scale: torch.Tensor, fp8: torch.dtype) -> dict:
+def make_impls(attn: TritonAttention, scale: torch.Tensor, fp8: torch.dtype) -> dict:
     def fused(q, k, v, table):
         return attn(q, k, v, table, torch.empty(q.shape, dtype=fp8, device="cuda"), scale)
 
@@ -139,7 +102,7 @@ def main() -> None:
     fp8 = fp8_dtype()
     rows = []
     for scheme, query_lens, context_lens in cases(args):
-        attn = Attention(query_lens, context_lens, hq, hkv, d)
+        attn = attention_for(query_lens, context_lens, hq, hkv, d)
         tokens, kv_tokens = sum(query_lens), sum(context_lens)
         nbytes = tokens * hq * d * (dtype.itemsize + 1) + 2 * kv_tokens * hkv * d * dtype.itemsize
         sets = rotation(lambda: make_batch(query_lens, context_lens, hq, hkv, d, dtype), nbytes)

@@ -26,13 +26,11 @@ from common import (  # noqa: E402
     common_args,
     compile_inductor,
     finish,
-    load_vllm_ops,
+    parse_and_load,
     rotation,
     time_row,
-    torch_dtype,
 )
 
-from vllm_fusion import _kernels  # noqa: E402
 from vllm_fusion import ops as vf  # noqa: E402
 
 EPS = 1e-5  # gpt-oss
@@ -84,14 +82,9 @@ def main() -> None:
                    help="pad the hidden size up to a multiple of this (gpt-oss: 128 or 256)")
     p.add_argument("--schemes", nargs="+", default=["res"], choices=list(SCHEMES),
                    help="res: residual add + RMSNorm (gpt-oss's MoE input); plain: RMSNorm")
-    args = p.parse_args()
-    status = _kernels.load()
-    if not status.loaded:
-        sys.exit(f"vllm_fusion kernels unavailable: {status.reason}")
-    dtype = torch_dtype(args.dtype)
-    elem = torch.finfo(dtype).bits // 8
-    have_vllm = "vllm" in args.impls and load_vllm_ops(args.vllm_lib)
-    wanted = [i for i in args.impls if i != "vllm" or have_vllm]
+    setup = parse_and_load(p)
+    args, dtype, elem, wanted = setup.args, setup.dtype, setup.elem, setup.impls
+    have_vllm = "vllm" in wanted
 
     rows: list[Row] = []
     for scheme in args.schemes:

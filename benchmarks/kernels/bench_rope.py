@@ -37,12 +37,12 @@ from common import (  # noqa: E402
     common_args,
     compile_inductor,
     finish,
+    require_kernels,
     rotation,
     time_row,
     torch_dtype,
 )
 
-from vllm_fusion import _kernels  # noqa: E402
 from vllm_fusion.ops import fp8_dtype  # noqa: E402
 from vllm_fusion.ops.norm_quant import rms_norm_ref  # noqa: E402
 from vllm_fusion.ops.rope import rope_ref  # noqa: E402
@@ -207,9 +207,7 @@ def main() -> None:
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     args = p.parse_args()
-    status = _kernels.load()
-    if not status.loaded:
-        sys.exit(f"vllm_fusion kernels unavailable: {status.reason}")
+    require_kernels()
     dtype = torch_dtype(args.dtype)
     have = load_vllm() if set(args.impls) - {"vllm_fusion"} else {}
     if "inductor" in args.impls and have.get("cache"):

@@ -79,6 +79,36 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def require_kernels() -> None:
+    """Exit with the reason when this package's compiled ops are not loadable."""
+    from vllm_fusion import _kernels  # noqa: PLC0415
+
+    status = _kernels.load()
+    if not status.loaded:
+        sys.exit(f"vllm_fusion kernels unavailable: {status.reason}")
+
+
+@dataclass
+class Setup:
+    """What a kernel benchmark's ``main`` starts from."""
+
+    args: argparse.Namespace
+    dtype: torch.dtype
+    elem: int  # bytes per element of dtype
+    impls: list[str]  # the requested implementations that can run here
+
+
+def parse_and_load(p: argparse.ArgumentParser) -> Setup:
+    """Parse the command line, require this package's kernels and load vLLM's where the
+    ``vllm`` implementation is asked for (dropped, with a note, where they are missing)."""
+    args = p.parse_args()
+    require_kernels()
+    dtype = torch_dtype(args.dtype)
+    have_vllm = "vllm" in args.impls and load_vllm_ops(args.vllm_lib)
+    impls = [i for i in args.impls if i != "vllm" or have_vllm]
+    return Setup(args, dtype, torch.finfo(dtype).bits // 8, impls)
+
+
 def peak_bytes_per_s(peak_gbps: float | None) -> float | None:
     if peak_gbps:
         return peak_gbps * 1e9
