@@ -11,6 +11,10 @@
 //   flag of its block index on every rank, waits for every rank's signal, then sums the rows
 //   over all ranks in rank order (every rank gets the same bits), rounds the sum to the input
 //   dtype (what the all-reduce returns) and runs add + RMSNorm (+ quant) on it.
+// one-shot push: the same, but each block writes its rows into slot `rank` of every rank's input
+//   half (world slots of one message each) before the signal, so that after it every rank sums
+//   from its own memory: the NVLink traffic is posted writes ahead of the flag instead of reads
+//   after it, one round trip less on the critical path of small messages.
 // two-shot: rank r owns rows [r * C, (r + 1) * C), C = ceil(rows / world). It reduces them into
 //   its result half, signals a second time, and every rank then reads each reduced row from its
 //   owner: (world - 1) / world of the data crosses NVLink twice, instead of (world - 1) times.
@@ -271,7 +275,31 @@ __device__ __forceinline__ void load_residual(const ArArgs& a, int64_t row, Vec8
 
 // ---------------------------------------------------------------- kernels
 
-template <typename T, int NV, bool QUANT>
+// Where rank `src`'s rows of this call are read from: its own input half (pull), or slot `src`
+// of this rank's input half, where it wrote them (push).
+template <typename T, bool PUSH>
+__device__ __forceinline__ const T* source_rows(const ArArgs& a, int src, uint64_t epoch) {
+  if constexpr (PUSH) return input_half<T>(a, a.rank, epoch) + src * a.rows * a.hidden;
+  return input_half<T>(a, src, epoch);
+}
+
+// Publishes this rank's row `row` for the sum: into its own input half (pull), or into slot
+// `rank` of every other rank's input half (push; the own copy only when `with_own`).
+template <typename T, int NV, bool PUSH>
+__device__ __forceinline__ void publish_row(const ArArgs& a, int64_t row, uint64_t epoch,
+                                            const Vec8<T> (&v)[NV], bool with_own) {
+  const int nvec = a.hidden / kVec;
+  if constexpr (PUSH) {
+    for (int r = 0; r < a.world; ++r)
+      if (r != a.rank || with_own)
+        store_row<T, NV>(input_half<T>(a, r, epoch) + (a.rank * a.rows + row) * a.hidden, v,
+                         nvec);
+  } else {
+    store_row<T, NV>(input_half<T>(a, a.rank, epoch) + row * a.hidden, v, nvec);
+  }
+}
+
+template <typename T, int NV, bool QUANT, bool PUSH>
 __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_one_shot(const ArArgs a) {
   __shared__ float smem[kMaxWarps];
   const int nvec = a.hidden / kVec;
@@ -279,14 +307,14 @@ __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_one_shot(cons
   const float inv_scale = QUANT ? 1.0f / __ldg(a.scale) : 1.0f;  // torch: x * scale.reciprocal()
   Vec8<T> win[NV], rin[NV];
   load_weight<T, NV>(a, win, nvec);
-  auto inputs = [&](int r) { return static_cast<const T*>(input_half<T>(a, r, epoch)); };
+  auto inputs = [&](int r) { return source_rows<T, PUSH>(a, r, epoch); };
   if (a.rows <= gridDim.x) {
     // One row per block (decode sizes): every load of the row is issued before the barrier.
     const int64_t row = blockIdx.x;
     Vec8<T> xin[NV];
     load_row<T, NV>(static_cast<const T*>(a.input) + row * a.hidden, xin, nvec);
     load_residual<T, NV>(a, row, rin);
-    store_row<T, NV>(input_half<T>(a, a.rank, epoch) + row * a.hidden, xin, nvec);
+    publish_row<T, NV, PUSH>(a, row, epoch, xin, /*with_own=*/false);
     peer_barrier(a, 0, epoch);
     float x[NV][kVec];
     reduce_row<T, NV>(a, inputs, row, &xin, x);
@@ -295,7 +323,7 @@ __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_one_shot(cons
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
       Vec8<T> xin[NV];
       load_row<T, NV>(static_cast<const T*>(a.input) + row * a.hidden, xin, nvec);
-      store_row<T, NV>(input_half<T>(a, a.rank, epoch) + row * a.hidden, xin, nvec);
+      publish_row<T, NV, PUSH>(a, row, epoch, xin, /*with_own=*/true);
     }
     peer_barrier(a, 0, epoch);
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -353,26 +381,35 @@ __global__ void __launch_bounds__(kMaxThreads) all_reduce_rms_norm_two_shot(cons
   finish_call(a, epoch);
 }
 
+enum class Algorithm { kOneShot, kOneShotPush, kTwoShot };
+
 template <typename T, int NV, bool QUANT>
-void launch_nv(const ArArgs& a, bool two_shot, int blocks, int threads, gpuStream_t stream) {
-  if (two_shot)
-    all_reduce_rms_norm_two_shot<T, NV, QUANT><<<blocks, threads, 0, stream>>>(a);
-  else
-    all_reduce_rms_norm_one_shot<T, NV, QUANT><<<blocks, threads, 0, stream>>>(a);
+void launch_nv(const ArArgs& a, Algorithm algo, int blocks, int threads, gpuStream_t stream) {
+  switch (algo) {
+    case Algorithm::kTwoShot:
+      all_reduce_rms_norm_two_shot<T, NV, QUANT><<<blocks, threads, 0, stream>>>(a);
+      break;
+    case Algorithm::kOneShotPush:
+      all_reduce_rms_norm_one_shot<T, NV, QUANT, true><<<blocks, threads, 0, stream>>>(a);
+      break;
+    default:
+      all_reduce_rms_norm_one_shot<T, NV, QUANT, false><<<blocks, threads, 0, stream>>>(a);
+      break;
+  }
 }
 
 template <typename T, bool QUANT>
-void launch_typed(const ArArgs& a, int nv, bool two_shot, int blocks, int threads,
+void launch_typed(const ArArgs& a, int nv, Algorithm algo, int blocks, int threads,
                   gpuStream_t stream) {
   switch (nv) {
     case 1:
-      launch_nv<T, 1, QUANT>(a, two_shot, blocks, threads, stream);
+      launch_nv<T, 1, QUANT>(a, algo, blocks, threads, stream);
       break;
     case 2:
-      launch_nv<T, 2, QUANT>(a, two_shot, blocks, threads, stream);
+      launch_nv<T, 2, QUANT>(a, algo, blocks, threads, stream);
       break;
     default:
-      launch_nv<T, kMaxNv, QUANT>(a, two_shot, blocks, threads, stream);
+      launch_nv<T, kMaxNv, QUANT>(a, algo, blocks, threads, stream);
       break;
   }
 }
@@ -391,7 +428,7 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
                                                const std::optional<Tensor>& scale,
                                                const std::vector<int64_t>& buffers,
                                                const Tensor& counter, int64_t rank, int64_t capacity,
-                                               bool two_shot) {
+                                               bool two_shot, bool push) {
   constexpr const char* op = "all_reduce_rms_norm";
   // The RMSNorm checks in norm_quant's order and words (csrc/norm_quant_kernels.cu), then what
   // the all-reduce adds.
@@ -439,6 +476,10 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
   const int64_t elt = dt == ScalarType::BFloat16 || dt == ScalarType::Half ? 2 : 0;
   VF_CHECK(rows * H * elt <= capacity, op, ": ", rows, " x ", H,
            " elements do not fit the workspace (", capacity, " bytes)");
+  VF_CHECK(!(push && two_shot), op, ": push is a one-shot algorithm; two_shot must be False");
+  VF_CHECK(!push || world * rows * H * elt <= capacity, op, ": push needs one slot per rank: ",
+           world, " x ", rows, " x ", H, " elements do not fit the workspace (", capacity,
+           " bytes)");
   if (rows == 0) return {out, residual_out};
 
   ArArgs a{};
@@ -468,16 +509,19 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
   const int blocks = static_cast<int>(std::min<int64_t>(
       work, std::min<int64_t>(device_info(device).num_sms, kMaxBlocks)));
   const gpuStream_t stream = current_stream(device);
+  const Algorithm algo = two_shot ? Algorithm::kTwoShot
+                         : push   ? Algorithm::kOneShotPush
+                                  : Algorithm::kOneShot;
   if (dt == ScalarType::BFloat16) {
     if (scale)
-      launch_typed<bf16_t, true>(a, nv, two_shot, blocks, threads, stream);
+      launch_typed<bf16_t, true>(a, nv, algo, blocks, threads, stream);
     else
-      launch_typed<bf16_t, false>(a, nv, two_shot, blocks, threads, stream);
+      launch_typed<bf16_t, false>(a, nv, algo, blocks, threads, stream);
   } else {
     if (scale)
-      launch_typed<half_t, true>(a, nv, two_shot, blocks, threads, stream);
+      launch_typed<half_t, true>(a, nv, algo, blocks, threads, stream);
     else
-      launch_typed<half_t, false>(a, nv, two_shot, blocks, threads, stream);
+      launch_typed<half_t, false>(a, nv, algo, blocks, threads, stream);
   }
   check_launch(op);
   return {out, residual_out};

@@ -109,6 +109,6 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
                                                const std::optional<Tensor>& scale,
                                                const std::vector<int64_t>& buffers,
                                                const Tensor& counter, int64_t rank,
-                                               int64_t capacity, bool two_shot);
+                                               int64_t capacity, bool two_shot, bool push);
 
 }  // namespace vllm_fusion

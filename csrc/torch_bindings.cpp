@@ -48,7 +48,8 @@ STABLE_TORCH_LIBRARY(vllm_fusion, m) {
   m.def("all_reduce_flag_bytes() -> int");
   m.def(
       "all_reduce_rms_norm(Tensor input, Tensor? residual, Tensor weight, float epsilon, "
-      "Tensor? scale, int[] buffers, Tensor(a!) counter, int rank, int capacity, bool two_shot) "
+      "Tensor? scale, int[] buffers, Tensor(a!) counter, int rank, int capacity, bool two_shot, "
+      "bool push=False) "
       "-> (Tensor, Tensor)");
 }
 

@@ -227,7 +227,7 @@ def _all_reduce(d: str, **over) -> tuple:
         input=_t(d, 4, 256), residual=_t(d, 4, 256), weight=_t(d, 256), epsilon=1e-6,
         scale=None, buffers=[1 << 20, 2 << 20],
         counter=torch.zeros(2, dtype=torch.int64, device=d), rank=0, capacity=16384,
-        two_shot=False,
+        two_shot=False, push=False,
     )
     args.update(over)
     return tuple(args.values())
@@ -283,6 +283,12 @@ BAD_CALLS += (
     BadCall("ar-capacity-too-small", AR,
             lambda d: _all_reduce(d, input=_t(d, 40, 256), residual=_t(d, 40, 256)),
             "40 x 256 elements do not fit the workspace (16384 bytes)"),
+    BadCall("ar-push-two-shot", AR, lambda d: _all_reduce(d, two_shot=True, push=True),
+            "push is a one-shot algorithm; two_shot must be False"),
+    BadCall("ar-push-no-room-per-rank", AR,
+            lambda d: _all_reduce(d, input=_t(d, 20, 256), residual=_t(d, 20, 256), push=True),
+            "push needs one slot per rank: 2 x 20 x 256 elements do not fit the workspace "
+            "(16384 bytes)"),
 )
 
 

@@ -4,6 +4,8 @@
 
 Implementations (each rank runs the same; the reported time is the slowest rank's):
   fused-1shot / fused-2shot  this package's kernel (vllm_fusion::all_reduce_rms_norm)
+  fused-push                 its one-shot with push=True: every rank writes its rows into all
+                             ranks' buffers and sums locally (messages up to max / world)
   vllm+inductor              vLLM's all-reduce as vLLM picks it for the message (custom
                              all-reduce, NCCL or symmetric memory; needs vLLM) + the RMSNorm
                              compiled by Inductor, as vLLM -O2 runs it unfused
@@ -42,7 +44,8 @@ def _args(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=None,
                    help="token counts (default: 8 KiB to 64 MiB messages per hidden size)")
     p.add_argument("--impls", nargs="+",
-                   default=["fused-1shot", "fused-2shot", "vllm+inductor", "nccl+inductor"])
+                   default=["fused-1shot", "fused-push", "fused-2shot", "vllm+inductor",
+                            "nccl+inductor"])
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--max-mib", type=float, default=64.0, help="largest message")
@@ -132,9 +135,11 @@ def _time_graph(fn, calls, reps, groups, device) -> float:
 def _impl(name, ws, groups, x, residual, weight, norm):
     ops = torch.ops.vllm_fusion
     if name.startswith("fused"):
-        two_shot = name == "fused-2shot"
+        two_shot, push = name == "fused-2shot", name == "fused-push"
+        if push and len(ws.buffers) * x.numel() * x.element_size() > ws.capacity:
+            return None  # one slot per rank does not fit
         return lambda: ops.all_reduce_rms_norm(x, residual, weight, EPS, None, ws.buffers,
-                                               ws.counter, ws.rank, ws.capacity, two_shot)
+                                               ws.counter, ws.rank, ws.capacity, two_shot, push)
     if name == "vllm+inductor":
         if groups.vllm is None:
             return None
@@ -207,7 +212,8 @@ def _report(rows, args, path_json, path_plot):
     for r in rows:
         best_unfused = min((r["us"][i] for i in ("vllm+inductor", "nccl+inductor")
                             if i in r["us"]), default=None)
-        fused = min((r["us"][i] for i in ("fused-1shot", "fused-2shot") if i in r["us"]),
+        fused = min((r["us"][i] for i in ("fused-1shot", "fused-push", "fused-2shot")
+                     if i in r["us"]),
                     default=None)
         speedup = best_unfused / fused if best_unfused and fused else None
         table.append([r["hidden"], r["tokens"], f"{r['mib']:.3f}",

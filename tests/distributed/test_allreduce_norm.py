@@ -74,9 +74,21 @@ def _workspace(key, group, device, cpu_group):
     return ws
 
 
+# The kernel's algorithms: True/False for two_shot (as the graph op picks), or PUSH.
+PUSH = "push"
+ALGORITHMS = (False, PUSH, True)
+
+
 def _fused(ws, x, residual, weight, scale, two_shot):
+    push = two_shot == PUSH
     return torch.ops.vllm_fusion.all_reduce_rms_norm(
-        x, residual, weight, EPS, scale, ws.buffers, ws.counter, ws.rank, ws.capacity, two_shot)
+        x, residual, weight, EPS, scale, ws.buffers, ws.counter, ws.rank, ws.capacity,
+        bool(two_shot) and not push, push)
+
+
+def _fits(ws, x, two_shot) -> bool:
+    """Push needs one slot per rank in the workspace."""
+    return two_shot != PUSH or len(ws.buffers) * x.numel() * x.element_size() <= ws.capacity
 
 
 def _gather(x: torch.Tensor, group) -> list[torch.Tensor]:
@@ -100,6 +112,8 @@ def _check_case(ws, group, device, tokens, hidden, dtype, residual_on, quant, tw
     weight = (1 + 0.1 * torch.randn(hidden, generator=shared, device=device)).to(dtype)
     scale = torch.tensor([0.02], device=device) if quant else None
 
+    if not _fits(ws, x, two_shot):
+        return
     out, residual_out = _fused(ws, x, residual, weight, scale, two_shot)
     inputs = _gather(x, group)
     ref_out, ref_residual = all_reduce_rms_norm_ref(inputs, residual, weight, EPS, scale)
@@ -138,11 +152,11 @@ def _correctness_worker(rank, world, device, dtype):
         for tokens in TOKENS:
             for residual_on in (True, False):
                 for quant in (False, True):
-                    for two_shot in (False, True):
+                    for two_shot in ALGORITHMS:
                         _check_case(ws, dist.group.WORLD, device, tokens, hidden, dtype,
                                     residual_on, quant, two_shot, gen)
     for tokens in (1, 64, 4096):
-        for two_shot in (False, True):
+        for two_shot in ALGORITHMS:
             _check_case(ws, dist.group.WORLD, device, tokens, 4096, dtype, True, False, two_shot,
                         gen, exact_inputs=True)
     torch.cuda.synchronize()
@@ -158,15 +172,15 @@ def test_matches_nccl_and_reference(world, dtype):
 
 
 def _graph_worker(rank, world, device):
-    """Three calls (one-shot, two-shot, one-shot again) captured once and replayed with fresh
-    inputs: the call counter and buffer halves advance on the device."""
+    """Four calls (one-shot, two-shot, push, one-shot again) captured once and replayed with
+    fresh inputs: the call counter and buffer halves advance on the device."""
     cpu = dist.new_group(backend="gloo")
     ws = _workspace("world", dist.group.WORLD, device, cpu)
-    hidden, sizes = 4096, (5, 300, 33)
+    hidden, sizes = 4096, (5, 300, 17, 33)
     xs = [torch.zeros(t, hidden, device=device, dtype=torch.bfloat16) for t in sizes]
     residuals = [torch.zeros_like(x) for x in xs]
     weight = torch.randn(hidden, device=device, dtype=torch.bfloat16)
-    shots = (False, True, False)
+    shots = (False, True, PUSH, False)
     _fused(ws, xs[0], residuals[0], weight, None, False)  # warm-up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

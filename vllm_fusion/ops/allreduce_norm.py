@@ -3,7 +3,11 @@
 Kernel op (``torch.ops.vllm_fusion``, csrc/allreduce_kernels.cu)::
 
     all_reduce_rms_norm(input, residual, weight, epsilon, scale, buffers, counter, rank,
-                        capacity, two_shot) -> (out, residual_out)
+                        capacity, two_shot, push=False) -> (out, residual_out)
+
+``push`` (one-shot only): each rank writes its rows into every rank's buffer before the flag
+and sums from its own memory, instead of reading the peers' buffers after it; it needs
+world x message bytes of ``capacity``.
 
 ``buffers`` are every rank's peer-addressable workspace addresses and ``counter`` this rank's
 call counter (see :mod:`vllm_fusion.ops.allreduce_workspace`, which owns both). ``out`` is the
@@ -62,7 +66,7 @@ def all_reduce_rms_norm_ref(
 
 
 def check_all_reduce_rms_norm_args(op: str, input, residual, weight, scale, buffers, counter,
-                                   rank, capacity) -> None:
+                                   rank, capacity, two_shot=False, push=False) -> None:
     """The checks of all_reduce_rms_norm in csrc/allreduce_kernels.cu, in its order."""
     check_norm_args(op, input, residual, weight)
     if not input.is_contiguous():
@@ -91,6 +95,11 @@ def check_all_reduce_rms_norm_args(op: str, input, residual, weight, scale, buff
     if _known(numel) and numel * input.element_size() > capacity:
         rows = numel // hidden
         _fail(op, f"{rows} x {hidden} elements do not fit the workspace ({capacity} bytes)")
+    if push and two_shot:
+        _fail(op, "push is a one-shot algorithm; two_shot must be False")
+    if push and _known(numel) and world * numel * input.element_size() > capacity:
+        _fail(op, f"push needs one slot per rank: {world} x {numel // hidden} x {hidden} "
+                  f"elements do not fit the workspace ({capacity} bytes)")
 
 
 def register_fakes() -> None:
@@ -98,8 +107,8 @@ def register_fakes() -> None:
 
     @torch.library.register_fake(f"vllm_fusion::{OP}")
     def _all_reduce_rms_norm_fake(input, residual, weight, epsilon, scale, buffers, counter,
-                                  rank, capacity, two_shot):
+                                  rank, capacity, two_shot, push=False):
         check_all_reduce_rms_norm_args(OP, input, residual, weight, scale, buffers, counter,
-                                       rank, capacity)
+                                       rank, capacity, two_shot, push)
         dtype = fp8_dtype(input.device) if scale is not None else input.dtype
         return torch.empty_like(input, dtype=dtype), torch.empty_like(input)
