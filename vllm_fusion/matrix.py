@@ -31,12 +31,13 @@ class TokenRange:
 class AllReduceSizes:
     """Where a fused all-reduce runs for one (platform, TP size): messages from ``min_bytes`` up
     to ``max_bytes`` (smaller ones are faster unfused), the one-shot kernel up to
-    ``one_shot_bytes`` and the two-shot kernel above."""
+    ``one_shot_bytes`` (its push variant up to ``push_bytes``) and the two-shot kernel above."""
 
     max_bytes: int
     one_shot_bytes: int
     measured: str = ""
     min_bytes: int = 0
+    push_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,9 @@ def _rocm_row(raw: dict, where: str, schemes: dict) -> RocmRow:
 
 
 def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]]:
-    """``[<fusion>.message_sizes.<platform>]``: ``tp<N> = {min_mib, max_mib, one_shot_mib}``
-    rows and the ``measured`` text they come from."""
+    """``[<fusion>.message_sizes.<platform>]``: ``tp<N> = {min_mib, max_mib, one_shot_mib,
+    push_mib}`` rows (push_mib optional, at most one_shot_mib) and the ``measured`` text they
+    come from."""
     tables = {}
     for pid, table in raw.items():
         measured = table.get("measured", "")
@@ -217,7 +219,11 @@ def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]
             min_bytes = int(float(row.get("min_mib", 0)) * 2**20)
             if min_bytes > max_bytes:
                 raise MatrixError(f"{where}.{pid}.{key}: min_mib above max_mib")
-            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot, measured, min_bytes)
+            push = int(float(row.get("push_mib", 0)) * 2**20)
+            if push > one_shot:
+                raise MatrixError(f"{where}.{pid}.{key}: push_mib above one_shot_mib (push is a "
+                                  "one-shot variant)")
+            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot, measured, min_bytes, push)
         tables[pid] = sizes
     return tables
 

@@ -241,6 +241,43 @@ def test_allreduce_sizes():
     assert allreduce_sizes(user).max_bytes == 8 * 2**20
 
 
+def test_push_limit_reaches_the_fused_op(monkeypatch):
+    import dataclasses
+
+    from vllm_fusion.matrix import load_matrix
+
+    rows = load_matrix()[FLAG].message_sizes["sm90"]
+    monkeypatch.setitem(rows, 2, dataclasses.replace(rows[2], push_bytes=2**20))
+    result = compile_stack()
+    assert result.matches[AR_PASS] == 5
+    args = fused_args(result)
+    # ..., group_name, max_bytes, one_shot_bytes, push_bytes
+    assert len(args) == 5 and all(a[-3:] == [str(64 * 2**20)] * 2 + [str(2**20)] for a in args), \
+        args
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"max_mib": 64, "one_shot_mib": 8, "push_mib": 16}, "push_mib above one_shot_mib"),
+    ({"min_mib": 4, "max_mib": 2, "one_shot_mib": 2}, "min_mib above max_mib"),
+])
+def test_bad_message_size_rows_are_rejected(row, message):
+    from vllm_fusion.matrix import MatrixError, _message_sizes
+
+    with pytest.raises(MatrixError, match=message):
+        _message_sizes({"sm90": {"tp2": row}}, "fusions.fuse_allreduce_rms.message_sizes")
+
+
+def test_push_limit_is_read_and_kept_under_the_one_shot_limit():
+    from vllm_fusion.matrix import _message_sizes
+
+    (sizes,) = _message_sizes({"sm90": {"tp2": {"max_mib": 64, "one_shot_mib": 8,
+                                                "push_mib": 0.5}}}, "t")["sm90"].values()
+    assert (sizes.one_shot_bytes, sizes.push_bytes) == (8 * 2**20, 2**19)
+    (plain,) = _message_sizes({"sm90": {"tp2": {"max_mib": 64, "one_shot_mib": 8}}},
+                              "t")["sm90"].values()
+    assert plain.push_bytes == 0
+
+
 # ---------------------------------------------------------------- the graph op's fake
 
 @pytest.mark.parametrize("with_scale", [True, False])
@@ -271,8 +308,8 @@ class _RecordingOps:
         self.calls = []
 
     def all_reduce_rms_norm(self, x, residual, weight, eps, scale, buffers, counter, rank,
-                            capacity, two_shot):
-        self.calls.append(("fused", "two-shot" if two_shot else "one-shot"))
+                            capacity, two_shot, push):
+        self.calls.append(("fused", "two-shot" if two_shot else "push" if push else "one-shot"))
         return x, x
 
     def __getattr__(self, name):
@@ -306,13 +343,13 @@ def graph_op(monkeypatch):
 
     monkeypatch.setattr(fa, "_vllm_all_reduce", vllm_all_reduce)
 
-    def call(tokens, residual=True, scale=None, one_shot_bytes=16 * 1024):
+    def call(tokens, residual=True, scale=None, one_shot_bytes=16 * 1024, push_bytes=0):
         x = torch.randn(tokens, 256, dtype=torch.bfloat16)
         r = torch.randn_like(x) if residual else None
         w = torch.randn(256, dtype=torch.bfloat16)
         ops.calls.clear()
         fa.fused_all_reduce_rms_norm_impl(x, r, w, 1e-6, scale, "tp:0", 64 * 1024,
-                                          one_shot_bytes)
+                                          one_shot_bytes, push_bytes)
         return list(ops.calls)
 
     state.call = call
@@ -323,6 +360,18 @@ def test_graph_op_takes_one_shot_up_to_its_limit_then_two_shot(graph_op):
     # 256 bf16 = 512 bytes a token; one-shot up to 16 KiB = 32 tokens.
     assert graph_op.call(32) == [("fused", "one-shot")]
     assert graph_op.call(33) == [("fused", "two-shot")]
+
+
+def test_graph_op_pushes_up_to_its_limit_where_every_rank_has_a_slot(graph_op):
+    # push up to 8 KiB = 16 tokens; one-shot up to 48 KiB; the 64 KiB workspace holds two
+    # 32 KiB slots (64 tokens), so push_bytes beyond that still runs the plain one-shot.
+    assert graph_op.call(16, push_bytes=8 * 1024) == [("fused", "push")]
+    assert graph_op.call(17, push_bytes=8 * 1024) == [("fused", "one-shot")]
+    assert graph_op.call(1) == [("fused", "one-shot")]  # push_bytes 0: never
+    big = {"one_shot_bytes": 48 * 1024, "push_bytes": 48 * 1024}
+    assert graph_op.call(64, **big) == [("fused", "push")]
+    assert graph_op.call(65, **big) == [("fused", "one-shot")]
+    assert graph_op.call(97, **big) == [("fused", "two-shot")]
 
 
 def test_graph_op_runs_unfused_beyond_the_workspace(graph_op):

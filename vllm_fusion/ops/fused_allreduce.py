@@ -3,13 +3,15 @@
 ::
 
     fused_all_reduce_rms_norm(input, residual, weight, epsilon, scale, group_name, max_bytes,
-                              one_shot_bytes) -> (out, residual_out)
+                              one_shot_bytes, push_bytes=0) -> (out, residual_out)
 
 It replaces ``vllm.all_reduce(input, group_name)`` followed by ``fused_add_rms_norm`` /
 ``rms_norm`` (and static FP8 quant when ``scale`` is given). ``group_name`` is vLLM's
 GroupCoordinator name (``tp:0``), as in ``vllm.all_reduce``. On first use on a group the op makes
 the group's workspace (:mod:`vllm_fusion.ops.allreduce_workspace`, ``max_bytes`` per message);
-messages up to ``one_shot_bytes`` take the one-shot kernel, larger ones the two-shot kernel.
+messages up to ``one_shot_bytes`` take the one-shot kernel, larger ones the two-shot kernel;
+messages up to ``push_bytes`` (0: none) take the one-shot kernel's push variant where the
+workspace holds one slot per rank.
 Messages over the workspace, and groups without a workspace, run vLLM's own all-reduce followed by
 this package's norm kernels: same results, unfused.
 
@@ -70,16 +72,20 @@ def fused_all_reduce_rms_norm_impl(
     group_name: str,
     max_bytes: int,
     one_shot_bytes: int,
+    push_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     group = _group(group_name)
     workspace = _workspace(group, input, max_bytes)
     if workspace is None or not workspace.fits(input):
         return _unfused(input, residual, weight, epsilon, scale, group_name)
-    two_shot = input.numel() * input.element_size() > one_shot_bytes
+    nbytes = input.numel() * input.element_size()
+    two_shot = nbytes > one_shot_bytes
+    push = not two_shot and nbytes <= push_bytes and \
+        len(workspace.buffers) * nbytes <= workspace.capacity
     return _OPS.all_reduce_rms_norm(
         input.contiguous(), None if residual is None else residual.contiguous(), weight,
         epsilon, scale, workspace.buffers, workspace.counter, workspace.rank,
-        workspace.capacity, two_shot)
+        workspace.capacity, two_shot, push)
 
 
 def fused_all_reduce_rms_norm_fake(
@@ -91,6 +97,7 @@ def fused_all_reduce_rms_norm_fake(
     group_name: str,
     max_bytes: int,
     one_shot_bytes: int,
+    push_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = fp8_dtype(input.device) if scale is not None else input.dtype
     return (torch.empty(input.shape, dtype=dtype, device=input.device),

@@ -56,8 +56,9 @@ def message_sizes(platform: str, tp: int,
         max_bytes = int(override_mib * 2**20)
         # A limit below the measured lower bound: the user's range is all fused.
         min_bytes = sizes.min_bytes if sizes.min_bytes < max_bytes else 0
-        return AllReduceSizes(max_bytes, min(sizes.one_shot_bytes, max_bytes), sizes.measured,
-                              min_bytes)
+        one_shot = min(sizes.one_shot_bytes, max_bytes)
+        return AllReduceSizes(max_bytes, one_shot, sizes.measured, min_bytes,
+                              min(sizes.push_bytes, one_shot))
     return sizes
 
 
@@ -162,7 +163,7 @@ class AllReduceRMSNormPattern(AllReduceNormSite):
 
     def describe(self) -> str:
         return (f"{self.describe_site()}/max={self.sizes.max_bytes}"
-                f"/one_shot={self.sizes.one_shot_bytes}")
+                f"/one_shot={self.sizes.one_shot_bytes}/push={self.sizes.push_bytes}")
 
     def extra_check(self, match: pm.Match) -> bool:
         """Only what the kernel takes: 16-bit activations, hidden a multiple of 8 up to 16384."""
@@ -189,7 +190,7 @@ class AllReduceRMSNormPattern(AllReduceNormSite):
 
         def body(x, weight, residual=None, scale=None):
             out, res = op(x, residual, weight, eps, scale, name, sizes.max_bytes,
-                          sizes.one_shot_bytes)
+                          sizes.one_shot_bytes, sizes.push_bytes)
             return (out, res) if residual_out else out
 
         return self._signature(body)
