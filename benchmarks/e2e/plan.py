@@ -203,7 +203,8 @@ def resolve_model(name: str, root: str) -> str:
 
 def expand_runs(models: Sequence[str], batch_sizes: Sequence[int], tps: Sequence[int],
                 configs: Sequence[Config], settings: Settings,
-                benches: Sequence[str] = ("latency",), repeats: int = 1) -> list[Run]:
+                benches: Sequence[str] = ("latency",), repeats: int = 1,
+                baseline: str = BASELINE) -> list[Run]:
     """The matrix, ordered so the configurations of one comparison run back to back
     (baseline first when it is asked for), latency before throughput. With ``repeats`` > 1
     each comparison runs that many rounds in alternating order (A B, B A, ...), so a drift of
@@ -213,7 +214,7 @@ def expand_runs(models: Sequence[str], batch_sizes: Sequence[int], tps: Sequence
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHMARKS}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    ordered = sorted(configs, key=lambda c: c.name != BASELINE)
+    ordered = sorted(configs, key=lambda c: c.name != baseline)
     runs = []
     for bench in (b for b in BENCHMARKS if b in benches):
         sizes: Sequence[int | None] = batch_sizes if bench == "latency" else (None,)
@@ -271,7 +272,7 @@ def shell_line(run: Run, command: Sequence[str]) -> str:
 
 PLAN_KEYS = {"models", "batch_sizes", "input_len", "output_len", "tp", "configs", "iters",
              "warmup", "model_root", "load_format", "tokenizer", "flags", "bench", "num_prompts",
-             "engine_args", "custom_configs", "timeout", "time_budget", "repeats"}
+             "engine_args", "custom_configs", "timeout", "time_budget", "repeats", "baseline"}
 
 
 def parse_plan(text: str, suffix: str) -> dict:

@@ -166,9 +166,10 @@ def has_rounds(rows: Sequence[Mapping]) -> bool:
     return any(r.get("repeat", 1) > 1 for r in rows)
 
 
-def rounds_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+def rounds_table(rows: Sequence[Mapping],
+                 baseline: str = BASELINE) -> tuple[list[str], list[list[str]]]:
     header = ["model", "bs", "tp", "config", "processes", "avg of each process (s)",
-              "mean (s)", f"speedup of means vs {BASELINE}", "per-round speedups"]
+              "mean (s)", f"speedup of means vs {baseline}", "per-round speedups"]
     cells = []
     for e in round_summary(rows):
         rs = e["round_speedups"]
@@ -208,11 +209,12 @@ def _status(row: Mapping) -> str:
     return str(row["status"])
 
 
-def latency_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+def latency_table(rows: Sequence[Mapping],
+                  baseline: str = BASELINE) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the latency table (shared by the console and the Markdown)."""
     rounds = has_rounds(rows)
     header = ["model", "bs", "tp", *(["round"] if rounds else []), "config", "avg (s)",
-              "p50 (s)", "p90 (s)", "min-max (s), stdev", "n", f"speedup vs {BASELINE}",
+              "p50 (s)", "p90 (s)", "min-max (s), stdev", "n", f"speedup vs {baseline}",
               "status"]
     cells = []
     for row in rows:
@@ -225,9 +227,10 @@ def latency_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def throughput_table(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+def throughput_table(rows: Sequence[Mapping],
+                     baseline: str = BASELINE) -> tuple[list[str], list[list[str]]]:
     header = ["model", "tp", "config", "tokens/s", "requests/s", "elapsed (s)",
-              f"speedup vs {BASELINE}", "status"]
+              f"speedup vs {baseline}", "status"]
     cells = []
     for row in rows:
         if row["bench"] != "throughput":
@@ -418,24 +421,25 @@ def render_markdown(doc: Mapping, chart: str | None = "latency.png", chart_note:
                   "Every run also sets `VLLM_DISABLE_COMPILE_CACHE=1`, so the passes really run.",
                   "",
                   md_table(["configuration", "environment", "engine args", "what"], cfg_cells), ""]
-    header, cells = latency_table(rows)
+    baseline = doc.get("baseline", BASELINE)
+    header, cells = latency_table(rows, baseline)
     if cells:
         parts += ["## Latency (`vllm bench latency`)", "", md_table(header, cells), ""]
         if has_rounds(rows):
-            rh, rc = rounds_table(rows)
+            rh, rc = rounds_table(rows, baseline)
             parts += ["### Over rounds (one process per configuration and round, the order "
                       "alternating between rounds)", "", md_table(rh, rc), ""]
         sh, sb = speedup_matrix(rows, "latency")
         if len(sh) > 3 and any(any(c for c in line[3:]) for line in sb):
-            parts += [f"### Speedup over {doc.get('baseline', BASELINE)} "
+            parts += [f"### Speedup over {baseline} "
                       "(same invocation; >1 is faster)", "", md_table(sh, sb), ""]
-    header, cells = throughput_table(rows)
+    header, cells = throughput_table(rows, baseline)
     if cells:
         parts += ["## Throughput (`vllm bench throughput`, random dataset)", "",
                   md_table(header, cells), ""]
         sh, sb = speedup_matrix(rows, "throughput")
         if len(sh) > 2 and any(any(c for c in line[2:]) for line in sb):
-            parts += [f"### Throughput speedup over {doc.get('baseline', BASELINE)}", "",
+            parts += [f"### Throughput speedup over {baseline}", "",
                       md_table(sh, sb), ""]
     if chart:
         parts += ["## Chart", "", f"![average latency per configuration]({chart})", ""]

@@ -51,7 +51,7 @@ DEFAULTS = {
     "configs": None, "flags": list(plan.DEFAULT_FLAGS), "iters": 8, "warmup": 3,
     "model_root": os.environ.get("DEVPACK_MODELS", ""), "load_format": None, "tokenizer": None,
     "bench": ["latency"], "num_prompts": 256, "engine_args": [], "custom_configs": {},
-    "timeout": None, "time_budget": None, "repeats": 1,
+    "timeout": None, "time_budget": None, "repeats": 1, "baseline": plan.BASELINE,
 }
 
 
@@ -72,6 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--tp", nargs="+", type=int, help="tensor-parallel sizes (default 1)")
     a("--configs", nargs="+", help="configurations to run (default: all built-in ones); "
                                    "see --list-configs")
+    a("--baseline", help=f"the configuration speedups are computed against (default "
+                         f"{plan.BASELINE}); it runs first in each comparison")
     a("--flags", nargs="+", help="PassConfig flags for plugin-only-*/plugin-without-* "
                                  f"(default {' '.join(plan.DEFAULT_FLAGS)})")
     a("--iters", type=int, help="measured iterations (default 8)")
@@ -332,7 +334,7 @@ def write_outputs(out: Path, records: list[dict], ctx: dict) -> dict:
     doc = report.build_document(records, command=ctx["command"], environment=ctx["environment"],
                                 invocation=ctx["invocation"], settings=ctx["settings"],
                                 configs=ctx["configs"], environments=environments,
-                                notes=ctx["notes"])
+                                notes=ctx["notes"], baseline=ctx["baseline"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(report.dumps(doc))
     (out / "latency.png").unlink(missing_ok=True)
@@ -350,9 +352,10 @@ def print_tables(doc: dict) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
-    rows = doc["summary"]
-    for title, (header, cells) in (("vllm bench latency", report.latency_table(rows)),
-                                   ("vllm bench throughput", report.throughput_table(rows))):
+    rows, baseline = doc["summary"], doc.get("baseline", plan.BASELINE)
+    for title, (header, cells) in (("vllm bench latency", report.latency_table(rows, baseline)),
+                                   ("vllm bench throughput",
+                                    report.throughput_table(rows, baseline))):
         if not cells:
             continue
         table = Table(title=f"{title}: {report.card_name(doc['environment'])}")
@@ -448,7 +451,8 @@ def suite_context(args: argparse.Namespace, opts: dict, configs: Sequence,
     command = shlex.join(["python", *(sys.argv if argv is None else ["run.py", *argv])])
     ctx = {"command": command, "environment": environment, "invocation": invocation,
            "resumed_envs": resumed_envs, "configs": [config_dict(c) for c in configs],
-           "notes": [], "settings": {k: opts[k] for k in SETTINGS_KEYS}}
+           "notes": [], "settings": {k: opts[k] for k in SETTINGS_KEYS},
+           "baseline": opts["baseline"]}
     if any(c.env.get("VLLM_PLUGINS", "") is None for c in configs):
         entry = environment.get("plugin_entry_point")
         if entry is None:
@@ -473,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not opts["models"]:
         sys.exit("no models: give --models or a plan file with `models`")
     runs = plan.expand_runs(opts["models"], opts["batch_sizes"], opts["tp"], configs,
-                            make_settings(opts), opts["bench"], opts["repeats"])
+                            make_settings(opts), opts["bench"], opts["repeats"],
+                            opts["baseline"])
     if args.dry_run:
         for i, run in enumerate(runs, 1):
             cmd = plan.build_command(run, f"<out>/runs/{run.id}.json", args.python)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import stat
 import sys
@@ -325,6 +326,24 @@ def test_shipped_plans_plan_what_their_reports_ran(name, runs, expect, capsys):
     assert out.count("--tensor-parallel-size 4") == runs and out.count("--max-num-seqs 8") == runs
     for text in expect:
         assert text in out, text
+
+
+def test_another_baseline_runs_first_and_names_the_speedup_column(capsys):
+    records = [record("plugin-O2", PLUGIN_BS1), record("vllm-fusions", FUSIONS_BS1)]
+    doc = report.build_document(records, command=COMMAND, environment=ENVIRONMENT,
+                                invocation="inv-1", settings={}, configs=[],
+                                baseline="plugin-O2")
+    fusions = next(r for r in doc["summary"] if r["config"] == "vllm-fusions")
+    assert fusions["speedup"] == pytest.approx(PLUGIN_BS1["avg_latency"]
+                                               / FUSIONS_BS1["avg_latency"])
+    header, _ = report.latency_table(doc["summary"], doc["baseline"])
+    assert "speedup vs plugin-O2" in header
+    assert "| speedup vs plugin-O2 |" in report.render_markdown(doc, chart=None)
+    argv = ["--models", "m", "--model-root", "/r", "--configs", "vllm-O2", "plugin-O2",
+            "--baseline", "plugin-O2", "--dry-run"]
+    assert run_mod.main(argv) == 0
+    first, second = re.findall(r"# \[\d/2\] \S+__(\S+)", capsys.readouterr().out)
+    assert (first, second) == ("plugin-O2", "vllm-O2")
 
 
 def test_yaml_plan():
