@@ -136,8 +136,8 @@ def _impl(name, ws, groups, x, residual, weight, norm):
     ops = torch.ops.vllm_fusion
     if name.startswith("fused"):
         two_shot, push = name == "fused-2shot", name == "fused-push"
-        if push and len(ws.buffers) * x.numel() * x.element_size() > ws.capacity:
-            return None  # one slot per rank does not fit
+        if push and not ws.fits_push(x):
+            return None
         return lambda: ops.all_reduce_rms_norm(x, residual, weight, EPS, None, ws.buffers,
                                                ws.counter, ws.rank, ws.capacity, two_shot, push)
     if name == "vllm+inductor":

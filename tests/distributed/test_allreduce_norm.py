@@ -87,8 +87,7 @@ def _fused(ws, x, residual, weight, scale, two_shot):
 
 
 def _fits(ws, x, two_shot) -> bool:
-    """Push needs one slot per rank in the workspace."""
-    return two_shot != PUSH or len(ws.buffers) * x.numel() * x.element_size() <= ws.capacity
+    return two_shot != PUSH or ws.fits_push(x)
 
 
 def _gather(x: torch.Tensor, group) -> list[torch.Tensor]:

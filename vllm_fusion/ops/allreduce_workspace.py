@@ -41,6 +41,10 @@ class AllReduceWorkspace:
     def fits(self, t: torch.Tensor) -> bool:
         return t.numel() * t.element_size() <= self.capacity
 
+    def fits_push(self, t: torch.Tensor) -> bool:
+        """Whether the push one-shot can take ``t``: one slot of it per rank."""
+        return self.world_size * t.numel() * t.element_size() <= self.capacity
+
 
 # group key -> workspace, or None when the ranks could not make one (never retried).
 _workspaces: dict[str, AllReduceWorkspace | None] = {}

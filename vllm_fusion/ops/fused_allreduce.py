@@ -80,8 +80,7 @@ def fused_all_reduce_rms_norm_impl(
         return _unfused(input, residual, weight, epsilon, scale, group_name)
     nbytes = input.numel() * input.element_size()
     two_shot = nbytes > one_shot_bytes
-    push = not two_shot and nbytes <= push_bytes and \
-        len(workspace.buffers) * nbytes <= workspace.capacity
+    push = not two_shot and nbytes <= push_bytes and workspace.fits_push(input)
     return _OPS.all_reduce_rms_norm(
         input.contiguous(), None if residual is None else residual.contiguous(), weight,
         epsilon, scale, workspace.buffers, workspace.counter, workspace.rank,
