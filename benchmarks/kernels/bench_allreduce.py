@@ -13,6 +13,12 @@ Implementations (each rank runs the same; the reported time is the slowest rank'
 
 Each implementation is captured as one CUDA graph of --calls calls and replayed --reps times;
 time per call = median replay / calls. Message size = tokens x hidden x 2 bytes (bf16).
+
+The report ends with the matrix row these numbers give (``suggest_sizes``): the message sizes
+where the best fused kernel is at least as fast as the best unfused path at every hidden size,
+and where one-shot and its push variant take over. ``--update-matrix sm90`` writes that row into
+``[fusions.fuse_allreduce_rms.message_sizes.sm90]`` of vllm_fusion/data/matrix.toml (the
+``measured`` text stays for a person to rewrite).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import datetime
 import importlib
 import json
 import os
+import re
 import socket
 import statistics
 import sys
@@ -51,6 +58,8 @@ def _args(argv=None):
     p.add_argument("--max-mib", type=float, default=64.0, help="largest message")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--update-matrix", metavar="PLATFORM", default=None,
+                   help="write the suggested tp<world> row into the matrix for PLATFORM (e.g. sm90)")
     return p.parse_args(argv)
 
 
@@ -191,6 +200,99 @@ def _worker(rank, world, port, args, results):
     dist.barrier(group=groups.cpu_group)
 
 
+FUSED = ("fused-1shot", "fused-push", "fused-2shot")
+UNFUSED = ("vllm+inductor", "nccl+inductor")
+
+
+def _best(us: dict, names) -> float | None:
+    return min((us[n] for n in names if n in us), default=None)
+
+
+def _sizes_where(rows, predicate) -> dict[float, bool]:
+    """Message size (MiB) -> whether ``predicate(us)`` holds at every hidden size measured there
+    (None from the predicate: not measured, ignored)."""
+    verdict: dict[float, bool] = {}
+    for r in rows:
+        ok = predicate(r["us"])
+        if ok is not None:
+            verdict[r["mib"]] = verdict.get(r["mib"], True) and ok
+    return dict(sorted(verdict.items()))
+
+
+def _longest_run(verdict: dict[float, bool]) -> list[float]:
+    """The longest run of consecutive sizes that hold (ties: the run of larger sizes)."""
+    best, run = [], []
+    for mib, ok in verdict.items():
+        run = run + [mib] if ok else []
+        if len(run) >= len(best):
+            best = run
+    return best
+
+
+def _prefix_holding(sizes: list[float], verdict: dict[float, bool]) -> float:
+    """The largest size up to which ``verdict`` holds for every size of ``sizes`` (0: none)."""
+    last = 0.0
+    for mib in sizes:
+        if not verdict.get(mib, False):
+            break
+        last = mib
+    return last
+
+
+def suggest_sizes(rows) -> dict[str, float] | None:
+    """The matrix row ``{min_mib, max_mib, one_shot_mib, push_mib}`` the measurements give, or
+    None where the fused kernel wins nowhere.
+
+    Fused range: the longest run of measured sizes where the best fused kernel is at least as
+    fast as the best unfused path at every hidden size; it starts at 0 when the run starts at
+    the smallest size measured. One-shot (the better of pull and push) is taken up to the
+    largest size from which down it beats two-shot everywhere, push likewise against pull."""
+    def fused_wins(us):
+        fused, unfused = _best(us, FUSED), _best(us, UNFUSED)
+        return None if fused is None or unfused is None else fused <= unfused
+
+    wins = _sizes_where(rows, fused_wins)
+    window = _longest_run(wins)
+    if not window:
+        return None
+
+    def one_shot_wins(us):
+        one, two = _best(us, FUSED[:2]), us.get("fused-2shot")
+        return None if one is None else (two is None or one <= two)
+
+    def push_wins(us):
+        push, pull = us.get("fused-push"), us.get("fused-1shot")
+        return None if push is None else (pull is None or push <= pull)
+
+    one_shot = _prefix_holding(window, _sizes_where(rows, one_shot_wins))
+    push = _prefix_holding(window, _sizes_where(rows, push_wins))
+    smallest = next(iter(wins))
+    return {"min_mib": 0.0 if window[0] == smallest else window[0], "max_mib": window[-1],
+            "one_shot_mib": one_shot, "push_mib": min(push, one_shot)}
+
+
+def matrix_row_text(world: int, sizes: dict[str, float]) -> str:
+    cells = ", ".join(f"{k} = {v:g}" for k, v in sizes.items())
+    return f"tp{world} = {{ {cells} }}"
+
+
+def update_matrix(text: str, platform: str, row: str) -> str:
+    """``text`` (matrix.toml) with ``row`` (``tp<N> = {...}``) in the all-reduce message-size
+    table of ``platform``: replacing that TP size's row, else added as the table's first line."""
+    header = f"[fusions.fuse_allreduce_rms.message_sizes.{platform}]"
+    start = text.find(header + "\n")
+    if start < 0:
+        raise SystemExit(f"--update-matrix: no {header} table in the matrix; add it by hand")
+    body = start + len(header) + 1
+    end = text.find("\n[", body)
+    end = len(text) if end < 0 else end + 1
+    key = row.split(" ", 1)[0]
+    table = text[body:end]
+    line = re.compile(rf"^{key}\s*=.*$", re.MULTILINE)
+    table = line.sub(row, table, count=1) if line.search(table) else row + "\n" + table
+    return text[:body] + table + text[end:]
+
+
 def _report(rows, args, path_json, path_plot):
     device = torch.cuda.get_device_name(0)
     meta = {"date": datetime.date.today().isoformat(), "device": device, "world": args.world,
@@ -210,11 +312,7 @@ def _report(rows, args, path_json, path_plot):
     impls = [i for i in args.impls if any(i in r["us"] for r in rows)]
     table = []
     for r in rows:
-        best_unfused = min((r["us"][i] for i in ("vllm+inductor", "nccl+inductor")
-                            if i in r["us"]), default=None)
-        fused = min((r["us"][i] for i in ("fused-1shot", "fused-push", "fused-2shot")
-                     if i in r["us"]),
-                    default=None)
+        best_unfused, fused = _best(r["us"], UNFUSED), _best(r["us"], FUSED)
         speedup = best_unfused / fused if best_unfused and fused else None
         table.append([r["hidden"], r["tokens"], f"{r['mib']:.3f}",
                       *[f"{r['us'][i]:.2f}" if i in r["us"] else "-" for i in impls],
@@ -227,6 +325,15 @@ def _report(rows, args, path_json, path_plot):
         print(headers)
         for t in table:
             print(t)
+    sizes = suggest_sizes(rows)
+    row = matrix_row_text(args.world, sizes) if sizes else None
+    print(f"\nmatrix row from these numbers: {row or 'none (the fused kernel wins at no size)'}")
+    if args.update_matrix and row:
+        from vllm_fusion.data import __file__ as data_init
+
+        path = Path(data_init).with_name("matrix.toml")
+        path.write_text(update_matrix(path.read_text(), args.update_matrix, row))
+        print(f"written to {path} [{args.update_matrix}]")
     if path_plot:
         import matplotlib
 
