@@ -204,7 +204,7 @@ def _rocm_row(raw: dict, where: str, schemes: dict) -> RocmRow:
 def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]]:
     """``[<fusion>.message_sizes.<platform>]``: ``tp<N> = {min_mib, max_mib, one_shot_mib,
     push_mib}`` rows (push_mib optional, at most one_shot_mib) and the ``measured`` text they
-    come from."""
+    come from (the table's, or a row's own ``measured``)."""
     tables = {}
     for pid, table in raw.items():
         measured = table.get("measured", "")
@@ -223,7 +223,8 @@ def _message_sizes(raw: dict, where: str) -> dict[str, dict[int, AllReduceSizes]
             if push > one_shot:
                 raise MatrixError(f"{where}.{pid}.{key}: push_mib above one_shot_mib (push is a "
                                   "one-shot variant)")
-            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot, measured, min_bytes, push)
+            sizes[int(key[2:])] = AllReduceSizes(max_bytes, one_shot,
+                                                 row.get("measured", measured), min_bytes, push)
         tables[pid] = sizes
     return tables
 

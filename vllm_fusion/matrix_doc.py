@@ -131,14 +131,16 @@ def render_markdown() -> str:
             add(f"| `{sid}` | {supported} | {_cell(v.reason)} | {default} | {_cell(v.measured)} |")
         add("")
         if cap.message_sizes:
-            add("| platform | TP | fused messages up to | one-shot kernel up to | "
+            add("| platform | TP | fused messages | one-shot kernel up to | "
                 "its push variant up to | measurement |")
             add("|---|---|---|---|---|---|")
             for pid, by_tp in cap.message_sizes.items():
                 for tp, sizes in sorted(by_tp.items()):
                     push = _mib(sizes.push_bytes) if sizes.push_bytes else "not used"
-                    add(f"| `{pid}` | {tp} | {_mib(sizes.max_bytes)} | "
-                        f"{_mib(sizes.one_shot_bytes)} | {push} | {_cell(sizes.measured)} |")
+                    one_shot = _mib(sizes.one_shot_bytes) if sizes.one_shot_bytes else \
+                        "not used (two-shot)"
+                    add(f"| `{pid}` | {tp} | {_mib(sizes.min_bytes)} to {_mib(sizes.max_bytes)} | "
+                        f"{one_shot} | {push} | {_cell(sizes.measured)} |")
             add("")
             add("Other CUDA platforms and TP sizes: off unless "
                 "`pass_config.fi_allreduce_fusion_max_size_mb` is set.")

@@ -17,8 +17,8 @@ time per call = median replay / calls. Message size = tokens x hidden x 2 bytes 
 The report ends with the matrix row these numbers give (``suggest_sizes``): the message sizes
 where the best fused kernel is at least as fast as the best unfused path at every hidden size,
 and where one-shot and its push variant take over. ``--update-matrix sm90`` writes that row into
-``[fusions.fuse_allreduce_rms.message_sizes.sm90]`` of vllm_fusion/data/matrix.toml (the
-``measured`` text stays for a person to rewrite).
+``[fusions.fuse_allreduce_rms.message_sizes.sm90]`` of vllm_fusion/data/matrix.toml (a
+``measured`` text already there stays, for a person to rewrite).
 """
 
 from __future__ import annotations
@@ -289,8 +289,14 @@ def update_matrix(text: str, platform: str, row: str) -> str:
     key = row.split(" ", 1)[0]
     table = text[body:end]
     line = re.compile(rf"^{key}\s*=.*$", re.MULTILINE)
-    table = line.sub(row, table, count=1) if line.search(table) else row + "\n" + table
-    return text[:body] + table + text[end:]
+    old = line.search(table)
+    if old is None:
+        return text[:body] + row + "\n" + table + text[end:]
+    # The row's own measured text is the person's to rewrite; it is kept meanwhile.
+    measured = re.search(r'measured\s*=\s*"(?:[^"\\]|\\.)*"', old.group(0))
+    if measured:
+        row = row[:-2] + ", " + measured.group(0) + " }"
+    return text[:body] + table[:old.start()] + row + table[old.end():] + text[end:]
 
 
 def _report(rows, args, path_json, path_plot):

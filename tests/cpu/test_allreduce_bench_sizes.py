@@ -76,28 +76,46 @@ def test_no_row_where_the_fused_kernel_never_wins(bench):
                                       (2.0, 36.0, None, 34.0, 20.0)])) is None
 
 
+def _sizes_table(text: str, platform: str = "sm90") -> dict:
+    return tomllib.loads(text)["fusions"]["fuse_allreduce_rms"]["message_sizes"][platform]
+
+
 def test_update_matrix_replaces_the_row_of_that_tp_size_only(bench):
     text = MATRIX.read_text()
     row = bench.matrix_row_text(2, {"min_mib": 0.0, "max_mib": 64.0, "one_shot_mib": 64.0,
                                     "push_mib": 1.0})
     updated = tomllib.loads(bench.update_matrix(text, "sm90", row))
-    table = updated["fusions"]["fuse_allreduce_rms"]["message_sizes"]["sm90"]
-    assert table["tp2"] == {"min_mib": 0, "max_mib": 64, "one_shot_mib": 64, "push_mib": 1}
-    assert table["measured"] == tomllib.loads(text)["fusions"]["fuse_allreduce_rms"][
-        "message_sizes"]["sm90"]["measured"]
-    # Everything outside the row is unchanged.
     before = tomllib.loads(text)
-    before["fusions"]["fuse_allreduce_rms"]["message_sizes"]["sm90"]["tp2"] = table["tp2"]
+    old_row = _sizes_table(text)["tp2"]
+    new_row = updated["fusions"]["fuse_allreduce_rms"]["message_sizes"]["sm90"]["tp2"]
+    assert new_row == {"min_mib": 0, "max_mib": 64, "one_shot_mib": 64, "push_mib": 1,
+                       "measured": old_row["measured"]}
+    # Everything outside the row is unchanged.
+    before["fusions"]["fuse_allreduce_rms"]["message_sizes"]["sm90"]["tp2"] = new_row
     assert updated == before
 
 
+def test_update_matrix_replaces_a_row_without_measured_text(bench):
+    text = ("[fusions.fuse_allreduce_rms.message_sizes.sm90]\n"
+            "tp2 = { min_mib = 2, max_mib = 64, one_shot_mib = 64 }\nmeasured = \"x\"\n\n"
+            "[fusions.fuse_norm_quant]\nlevel = 1\n")
+    row = bench.matrix_row_text(2, {"min_mib": 1.0, "max_mib": 32.0, "one_shot_mib": 32.0,
+                                    "push_mib": 1.0})
+    updated = tomllib.loads(bench.update_matrix(text, "sm90", row))
+    assert _sizes_table(bench.update_matrix(text, "sm90", row)) == {
+        "tp2": {"min_mib": 1, "max_mib": 32, "one_shot_mib": 32, "push_mib": 1},
+        "measured": "x"}
+    assert updated["fusions"]["fuse_norm_quant"] == {"level": 1}
+
+
 def test_update_matrix_adds_a_missing_tp_size(bench):
+    text = MATRIX.read_text().replace("\ntp4 = ", "\nremoved_tp4 = ")
+    assert "tp4" not in _sizes_table(text)
     row = bench.matrix_row_text(4, {"min_mib": 0.5, "max_mib": 64.0, "one_shot_mib": 2.0,
                                     "push_mib": 0.0})
-    updated = tomllib.loads(bench.update_matrix(MATRIX.read_text(), "sm90", row))
-    table = updated["fusions"]["fuse_allreduce_rms"]["message_sizes"]["sm90"]
+    table = _sizes_table(bench.update_matrix(text, "sm90", row))
     assert table["tp4"] == {"min_mib": 0.5, "max_mib": 64, "one_shot_mib": 2, "push_mib": 0}
-    assert "tp2" in table
+    assert table["tp2"] == _sizes_table(text)["tp2"]
 
 
 def test_update_matrix_refuses_a_platform_without_a_table(bench):

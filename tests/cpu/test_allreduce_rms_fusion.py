@@ -173,7 +173,7 @@ def _decide(platform, tp, **kwargs):
     return resolve_fusion(FLAG, simulated_setup(platform, tp=tp, **kwargs))
 
 
-@pytest.mark.parametrize("tp", [2])
+@pytest.mark.parametrize("tp", [2, 4])
 def test_resolver_turns_it_on_where_a_threshold_was_measured(tp):
     d = _decide("sm90", tp, level=2)
     assert d.enabled and d.status == "on", d
@@ -181,7 +181,7 @@ def test_resolver_turns_it_on_where_a_threshold_was_measured(tp):
     assert not _decide("sm90", tp, level=1).enabled
 
 
-@pytest.mark.parametrize("tp", [4, 8])
+@pytest.mark.parametrize("tp", [8])
 def test_resolver_keeps_unmeasured_tp_off_unless_the_user_sets_a_limit(tp):
     d = _decide("sm90", tp, level=2)
     assert not d.enabled, d
@@ -232,7 +232,9 @@ def test_allreduce_sizes():
 
     sizes = allreduce_sizes(make_tp_config(optimization_level=2))
     assert (sizes.min_bytes, sizes.max_bytes) == (2 * 2**20, 64 * 2**20)
-    assert allreduce_sizes(make_tp_config(tp=4, optimization_level=2)) is None
+    tp4 = allreduce_sizes(make_tp_config(tp=4, optimization_level=2))
+    assert (tp4.min_bytes, tp4.max_bytes, tp4.one_shot_bytes) == (8 * 2**20, 32 * 2**20, 0)
+    assert "H200 x4" in tp4.measured
     assert allreduce_sizes(make_tp_config(tp=8, optimization_level=2, num_attention_heads=8,
                                           num_key_value_heads=8)) is None
     assert allreduce_sizes(make_tp_config(tp=1, optimization_level=2)) is None
