@@ -2,7 +2,7 @@
 //
 // Math (vLLM 0.26's unfused path: F.silu(x[..., :d]) * x[..., d:] in the input dtype, then
 // QuantFP8 / per_token_group_fp8_quant):
-//   s = T(g / (1 + exp(-g)))        silu in fp32 (as torch computes it), rounded to T
+//   s = T(g / (1 + exp(-g)))        silu in fp32 (hardware exp and reciprocal), rounded to T
 //   y = T(float(s) * float(u))      the T * T multiply, rounded to T
 //   q = fp8(clamp(quant(y)))        see QuantKind in common.cuh
 //
@@ -24,9 +24,15 @@ struct ActArgs {
   int tpr;
 };
 
+// exp and the division run on the hardware's exp2 and reciprocal units (__expf, __fdividef):
+// expf and an IEEE division took about 16 of the ~40 instructions per element and made the kernel
+// issue-bound (H200: 11-22% faster without them, docs/benchmarks/2026-11-28-h200-silu-fast-math.md).
+// Inductor's Triton kernel, which the pass replaces, uses the same approximations. The fp32 silu
+// moves by a few ulps, which the rounding to T almost always absorbs (at most one ulp of T).
+// __fdividef gives 0 for denominators above 2^126 (g < -87), where silu rounds to -0 anyway.
 template <typename T>
 __device__ __forceinline__ float silu_mul(float g, float u) {
-  const float s = round_to<T>(g / (1.0f + expf(-g)));
+  const float s = round_to<T>(__fdividef(g, 1.0f + __expf(-g)));
   return round_to<T>(s * u);
 }
 
