@@ -314,20 +314,30 @@ inline const TuningOverrides& tuning_overrides() {
   return t;
 }
 
+// Threads of a whole-row team at most, by rows per SM (bf16, hidden 4096 / 8192). H100: 256 from
+// ~4 rows per SM, 512 below. H200 (docs/benchmarks/2026-11-28-h200-row-teams.md): 128 at 31 and
+// 124 rows per SM, 1.02-1.19x faster than 256 for RMSNorm+quant and SiLU+per-token quant: more
+// vectors in flight per thread and smaller block reductions. `many_rows_threads` is that last cap.
+inline int row_thread_cap(int64_t rows, int num_sms, int many_rows_threads) {
+  if (tuning_overrides().row_threads > 0) return tuning_overrides().row_threads;
+  if (rows >= 16LL * num_sms) return many_rows_threads;
+  return rows >= 4LL * num_sms ? 256 : 512;
+}
+
 // Whole row in one team (RMSNorm; per-token dynamic quant). Few rows: latency bound, more
-// threads per row. Many rows: fewer, fatter threads.
+// threads per row. Many rows: fewer, fatter threads. A row too wide for the cap's registers
+// takes the next larger cap before giving up on registers (nv = 0: the fallback kernel).
 inline TeamConfig pick_row_team(int64_t nvec, int64_t rows, int min_lanes, int num_sms,
-                                int warp_size) {
-  // Measured on H100 (bf16, H 4096 / 8192): 256 threads per row best from ~4 rows per SM on,
-  // 512 below that.
-  int cap = rows >= 4LL * num_sms ? 256 : 512;
-  if (tuning_overrides().row_threads > 0) cap = tuning_overrides().row_threads;
+                                int warp_size, int many_rows_threads = 128) {
   TeamConfig c;
-  for (int nv : {1, 2, 4, 8}) {
-    const int lim = std::min(cap, max_threads_for_nv(nv));
-    if (nvec <= static_cast<int64_t>(lim) * nv) {
-      c.nv = nv;
-      break;
+  for (int cap = row_thread_cap(rows, num_sms, many_rows_threads); cap <= 1024 && c.nv == 0;
+       cap *= 2) {
+    for (int nv : {1, 2, 4, 8}) {
+      const int lim = std::min(cap, max_threads_for_nv(nv));
+      if (nvec <= static_cast<int64_t>(lim) * nv) {
+        c.nv = nv;
+        break;
+      }
     }
   }
   if (c.nv == 0) return c;

@@ -151,7 +151,10 @@ void launch_typed(const NormPadArgs& base, bool vector_ok, int32_t device, gpuSt
   const DeviceInfo& dev = device_info(device);
   NormPadArgs a = base;
   TeamConfig c;
-  if (vector_ok) c = pick_row_team(a.hidden / kVec, a.rows, 1, dev.num_sms, dev.warp_size);
+  // 256 threads for many rows: the 128-thread teams of the quant kernels were not measured here.
+  if (vector_ok)
+    c = pick_row_team(a.hidden / kVec, a.rows, 1, dev.num_sms, dev.warp_size,
+                      /*many_rows_threads=*/256);
   if (c.nv == 0) {
     const int threads = a.padded >= 4096 ? 1024 : 256;
     rms_norm_pad_fallback_kernel<T, RESIDUAL>
