@@ -334,6 +334,8 @@ def _report(rows, args, path_json, path_plot):
     sizes = suggest_sizes(rows)
     row = matrix_row_text(args.world, sizes) if sizes else None
     print(f"\nmatrix row from these numbers: {row or 'none (the fused kernel wins at no size)'}")
+    if sizes and sizes["max_mib"] == max(r["mib"] for r in rows):
+        print("  max_mib is the largest message measured: the fused kernel may win above it too")
     if args.update_matrix and row:
         from vllm_fusion.data import __file__ as data_init
 
