@@ -327,7 +327,8 @@ ENV_FIELDS = (("date", "date"), ("host", "host"), ("gpus", "GPU"), ("driver", "d
               ("cuda", "CUDA (torch)"), ("vllm", "vLLM"), ("torch", "torch"),
               ("vllm_fusion", "vllm_fusion"), ("vllm_fusion_location", "vllm_fusion imported from"),
               ("plugin_entry_point", "vllm.general_plugins entry point"), ("git_head", "git HEAD"),
-              ("git_dirty", "uncommitted changes"), ("python", "Python"), ("platform", "platform"))
+              ("git_tree_head", "stale .git in the tree"), ("git_dirty", "uncommitted changes"),
+              ("python", "Python"), ("platform", "platform"))
 
 
 def _same_setup(a: Mapping, b: Mapping) -> bool:

@@ -97,7 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       help="reuse successful runs with the same fingerprint from DIR/results.json (repeatable)")
     a("--out", help="output folder (default $OUT/e2e when $OUT is set, else e2e-results/<time>)")
     a("--python", default=sys.executable, help="interpreter that runs vLLM (default: this one)")
-    a("--git-head", help="revision to record when the tree has no .git (a copied checkout)")
+    a("--git-head", help="revision to record (wins over the .git of a copied checkout, which "
+                         "can be stale)")
     a("--log-tail", type=int, default=40, help="log lines kept in the report of a failed run")
     a("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
     a("--list-configs", action="store_true", help="print the configurations and exit")
@@ -189,9 +190,16 @@ def nvidia_smi_gpus() -> tuple[list[dict], str | None]:
 
 
 def git_info(override: str | None) -> dict:
+    """The revision measured. ``override`` (--git-head) wins: a copied checkout can carry a
+    stale .git whose HEAD and changed paths describe some other revision."""
     head = _output(["git", "-C", str(REPO), "rev-parse", "HEAD"], timeout=30)
+    if override:
+        info = {"git_head": override}
+        if head is not None and not head.strip().startswith(override):
+            info["git_tree_head"] = f"{head.strip()} (the .git here; not what ran)"
+        return info
     if head is None:
-        return {"git_head": override or "unknown (no git repository here)"}
+        return {"git_head": "unknown (no git repository here)"}
     status = _output(["git", "-C", str(REPO), "status", "--porcelain"], timeout=30) or ""
     dirty = len([line for line in status.splitlines() if line.strip()])
     return {"git_head": head.strip(), "git_dirty": f"{dirty} paths" if dirty else "none"}

@@ -59,7 +59,8 @@ def _args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--update-matrix", metavar="PLATFORM", default=None,
-                   help="write the suggested tp<world> row into the matrix for PLATFORM (e.g. sm90)")
+                   help="write the suggested tp<world> row into the matrix for PLATFORM "
+                        "(e.g. sm90)")
     return p.parse_args(argv)
 
 

@@ -328,6 +328,41 @@ def test_shipped_plans_plan_what_their_reports_ran(name, runs, expect, capsys):
         assert text in out, text
 
 
+def test_the_all_reduce_plan_compares_with_vllms_fusion_off(capsys):
+    path = E2E / "plans" / "ar-decode.toml"
+    assert run_mod.main(["--plan", str(path), "--tp", "2", "--dry-run",
+                         "--model-root", "/opt/devpack/models"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bench latency --model /opt/devpack/models/llama3-8b-fp8 ") == 2
+    baseline, plugin = [line for line in out.splitlines() if "bench latency" in line]
+    assert "VLLM_PLUGINS=''" in baseline and "fuse_allreduce_rms=False" in baseline
+    assert plugin.startswith("env -u VLLM_PLUGINS") and "fuse_allreduce_rms" not in plugin
+    assert "--batch-size 1 " in plugin and "--tensor-parallel-size 2" in plugin
+
+
+def _git_answers(monkeypatch, head: str | None, status: str = ""):
+    def output(cmd, timeout):
+        return head if "rev-parse" in cmd else status
+    monkeypatch.setattr(run_mod, "_output", output)
+
+
+def test_git_head_given_wins_over_a_stale_git_in_a_copied_tree(monkeypatch):
+    _git_answers(monkeypatch, "18a55f0974ab3e5c2ae9df996f1427419894290c\n", " M a\n M b\n")
+    info = run_mod.git_info("24542aa")
+    assert info["git_head"] == "24542aa" and "git_dirty" not in info
+    stale = info["git_tree_head"]
+    assert stale.startswith("18a55f0974ab") and "not what ran" in stale
+    _git_answers(monkeypatch, "24542aa0000000000000000000000000000000000\n")
+    assert run_mod.git_info("24542aa") == {"git_head": "24542aa"}
+
+
+def test_git_head_read_from_the_tree_without_an_override(monkeypatch):
+    _git_answers(monkeypatch, "abc123\n", " M a\n?? b\n")
+    assert run_mod.git_info(None) == {"git_head": "abc123", "git_dirty": "2 paths"}
+    _git_answers(monkeypatch, None)
+    assert run_mod.git_info(None) == {"git_head": "unknown (no git repository here)"}
+
+
 def test_another_baseline_runs_first_and_names_the_speedup_column(capsys):
     records = [record("plugin-O2", PLUGIN_BS1), record("vllm-fusions", FUSIONS_BS1)]
     doc = report.build_document(records, command=COMMAND, environment=ENVIRONMENT,
