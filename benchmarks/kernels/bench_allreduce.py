@@ -201,7 +201,8 @@ def _worker(rank, world, port, args, results):
     dist.barrier(group=groups.cpu_group)
 
 
-FUSED = ("fused-1shot", "fused-push", "fused-2shot")
+ONE_SHOT = ("fused-1shot", "fused-push")
+FUSED = (*ONE_SHOT, "fused-2shot")
 UNFUSED = ("vllm+inductor", "nccl+inductor")
 
 
@@ -258,7 +259,7 @@ def suggest_sizes(rows) -> dict[str, float] | None:
         return None
 
     def one_shot_wins(us):
-        one, two = _best(us, FUSED[:2]), us.get("fused-2shot")
+        one, two = _best(us, ONE_SHOT), us.get("fused-2shot")
         return None if one is None else (two is None or one <= two)
 
     def push_wins(us):

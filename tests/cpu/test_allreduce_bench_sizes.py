@@ -3,29 +3,20 @@ sizes the measurements say to fuse, one-shot / push / two-shot, and the matrix e
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cpu.scripts import ROOT, load_script
+
 H100_TP2 = ROOT / "docs/benchmarks/2026-11-27-h100-allreduce-rms/ar_tp2.json"
 MATRIX = ROOT / "vllm_fusion/data/matrix.toml"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "vllm_fusion_bench_allreduce"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "benchmarks/kernels/bench_allreduce.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("vllm_fusion_bench_allreduce", "benchmarks/kernels/bench_allreduce.py")
 
 
 def _rows(table, hidden=4096):
@@ -101,8 +92,9 @@ def test_update_matrix_replaces_a_row_without_measured_text(bench):
             "[fusions.fuse_norm_quant]\nlevel = 1\n")
     row = bench.matrix_row_text(2, {"min_mib": 1.0, "max_mib": 32.0, "one_shot_mib": 32.0,
                                     "push_mib": 1.0})
-    updated = tomllib.loads(bench.update_matrix(text, "sm90", row))
-    assert _sizes_table(bench.update_matrix(text, "sm90", row)) == {
+    updated_text = bench.update_matrix(text, "sm90", row)
+    updated = tomllib.loads(updated_text)
+    assert _sizes_table(updated_text) == {
         "tp2": {"min_mib": 1, "max_mib": 32, "one_shot_mib": 32, "push_mib": 1},
         "measured": "x"}
     assert updated["fusions"]["fuse_norm_quant"] == {"level": 1}

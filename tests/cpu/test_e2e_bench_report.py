@@ -7,31 +7,20 @@ strings in JSON). Nothing here imports vLLM.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import shlex
 import stat
 import sys
-from pathlib import Path
 
 import pytest
 
-E2E = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e"
+from tests.cpu.scripts import ROOT, load_script
 
+E2E = ROOT / "benchmarks" / "e2e"
 
-def _load_run_module():
-    name = "vllm_fusion_e2e_run"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, E2E / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-run_mod = _load_run_module()
+run_mod = load_script("vllm_fusion_e2e_run", "benchmarks/e2e/run.py")
 plan = run_mod.plan
 report = run_mod.report
 

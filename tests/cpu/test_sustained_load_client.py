@@ -4,27 +4,19 @@ never hidden. (The real run needs a GPU; see docs/reliability.md.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cpu.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def load():
-    spec = importlib.util.spec_from_file_location(
-        "sustained_load", ROOT / "benchmarks/reliability/sustained_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sustained_load", "benchmarks/reliability/sustained_load.py")
 
 
 def stand_in(answer):
