@@ -21,7 +21,9 @@
 //
 // Flags hold the call counter, which only grows: a peer that is already one call ahead never
 // hides its arrival. A block waits only for the blocks of the same index on the other ranks; the
-// grid is at most one block per SM, so those blocks are resident together.
+// grid is at most one block per SM, so those blocks are resident together. A peer that has not
+// arrived after VLLM_FUSION_ALLREDUCE_TIMEOUT_S stops the kernel with a message naming both
+// ranks, as a device-side assert does: a clear error instead of a process that hangs.
 //
 // Math after the reduction (vLLM 0.26: all_reduce, then vllm_ir.fused_add_rms_norm / rms_norm):
 //   a = T(sum over ranks of float(input_r))        the all-reduce result
@@ -61,6 +63,7 @@ struct ArArgs {
   float fp8_max;
   bool fnuz;
   uint64_t* counter;  // this rank's [last finished call, blocks done in this call]
+  uint64_t timeout_ticks;  // longest wait for a peer, in steady_ticks(); 0: wait forever
 };
 
 // ---------------------------------------------------------------- peer synchronization
@@ -103,6 +106,37 @@ __device__ __forceinline__ uint64_t* flag_slot(uint8_t* buf, int phase, int bloc
                                                 kMaxRanks + src;
 }
 
+// A clock at a constant rate: nanoseconds on CUDA, the wall clock's ticks on ROCm.
+__device__ __forceinline__ uint64_t steady_ticks() {
+#ifdef USE_ROCM
+  return wall_clock64();
+#else
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+#endif
+}
+
+// Spins until rank `peer` has signalled call `epoch` here. The clock is read once per 1024 polls,
+// so waiting for a peer that is on time stays a plain poll loop. Out of line and with scalar
+// arguments only, so that the kernels keep their register budget.
+__device__ __noinline__ void wait_for_peer(const uint64_t* flag, uint64_t epoch,
+                                           uint64_t timeout_ticks, int rank, int phase, int peer) {
+  const uint64_t start = steady_ticks();
+  for (uint32_t polls = 1; load_acquire_sys(flag) < epoch; ++polls) {
+    if (timeout_ticks == 0 || polls % 1024 != 0 || steady_ticks() - start <= timeout_ticks)
+      continue;
+    printf("vllm_fusion: all_reduce_rms_norm: rank %d (block %d, phase %d) waited longer than "
+           "VLLM_FUSION_ALLREDUCE_TIMEOUT_S for rank %d to join call %llu (its last signal here: "
+           "call %llu). The ranks of the group did not make the same fused all-reduce calls; "
+           "stopping the kernel instead of hanging.\n",
+           rank, static_cast<int>(blockIdx.x), phase, peer,
+           static_cast<unsigned long long>(epoch),
+           static_cast<unsigned long long>(load_acquire_sys(flag)));
+    __trap();
+  }
+}
+
 // Makes this block's writes to its own buffer visible to the blocks of the same index on every
 // rank, and waits until theirs are visible here.
 __device__ __forceinline__ void peer_barrier(const ArArgs& a, int phase, uint64_t epoch) {
@@ -110,8 +144,8 @@ __device__ __forceinline__ void peer_barrier(const ArArgs& a, int phase, uint64_
   if (threadIdx.x < a.world) {
     store_release_sys(flag_slot(a.bufs[threadIdx.x], phase, blockIdx.x, a.rank), epoch);
     const uint64_t* mine = flag_slot(a.bufs[a.rank], phase, blockIdx.x, threadIdx.x);
-    while (load_acquire_sys(mine) < epoch) {
-    }
+    if (load_acquire_sys(mine) < epoch)
+      wait_for_peer(mine, epoch, a.timeout_ticks, a.rank, phase, threadIdx.x);
   }
   __syncthreads();
 }
@@ -414,6 +448,33 @@ void launch_typed(const ArArgs& a, int nv, Algorithm algo, int blocks, int threa
   }
 }
 
+// VLLM_FUSION_ALLREDUCE_TIMEOUT_S: how long a block waits for a peer before it stops the kernel.
+// The default is NCCL's watchdog timeout (10 minutes): ranks may legitimately be far apart while
+// one of them still compiles a graph. 0 waits forever.
+double peer_timeout_s() {
+  static const double seconds = [] {
+    const char* v = std::getenv("VLLM_FUSION_ALLREDUCE_TIMEOUT_S");
+    if (v == nullptr || *v == '\0') return 600.0;
+    char* end = nullptr;
+    const double s = std::strtod(v, &end);
+    VF_CHECK(end != v && *end == '\0' && s >= 0.0,
+             "VLLM_FUSION_ALLREDUCE_TIMEOUT_S must be a number of seconds >= 0 (0: wait "
+             "forever), got '", v, "'");
+    return s;
+  }();
+  return seconds;
+}
+
+uint64_t peer_timeout_ticks(int32_t device) {
+#ifdef USE_ROCM
+  const double ticks_per_s = 1000.0 * device_info(device).wall_clock_khz;
+#else
+  (void)device;
+  const double ticks_per_s = 1e9;  // %globaltimer counts nanoseconds
+#endif
+  return static_cast<uint64_t>(peer_timeout_s() * ticks_per_s);
+}
+
 void check_contiguous(const char* op, const char* name, const Tensor& t) {
   VF_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
@@ -500,6 +561,7 @@ std::tuple<Tensor, Tensor> all_reduce_rms_norm(const Tensor& input,
   a.fp8_max = fmt.max;
   a.fnuz = fmt.fnuz;
   a.counter = static_cast<uint64_t*>(counter.mutable_data_ptr());
+  a.timeout_ticks = peer_timeout_ticks(device);
 
   const int64_t nvec = H / kVec;
   const int nv = nvec <= kMaxThreads ? 1 : nvec <= 2 * kMaxThreads ? 2 : kMaxNv;

@@ -190,6 +190,7 @@ struct DeviceInfo {
   int cc_minor = 0;
   int warp_size = 32;
   bool fp8_fnuz = false;  // gfx94x: float8_e4m3fnuz
+  int wall_clock_khz = 0;  // ROCm: rate of wall_clock64()
 };
 
 inline const DeviceInfo& device_info(int32_t device_index) {
@@ -207,6 +208,9 @@ inline const DeviceInfo& device_info(int32_t device_index) {
     info.num_sms = prop.multiProcessorCount;
     info.warp_size = prop.warpSize;
     info.fp8_fnuz = std::strstr(prop.gcnArchName, "gfx94") != nullptr;
+    VF_CHECK(hipDeviceGetAttribute(&info.wall_clock_khz, hipDeviceAttributeWallClockRate,
+                                   device_index) == hipSuccess,
+             "vllm_fusion: hipDeviceGetAttribute(WallClockRate) failed");
 #else
     VF_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount,
                                            device_index) == cudaSuccess,

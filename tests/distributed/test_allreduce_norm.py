@@ -4,13 +4,14 @@ Every rank's output is compared with NCCL's all-reduce followed by the torch ref
 the reference of the kernel's own math (fp32 sum in rank order): residual_out exactly, the
 normalized output within bf16/fp16 rounding, FP8 within one FP8 step. Also: CUDA graph replay,
 two tensor-parallel groups running different call sequences at once (TP+DP), a pipeline of two
-TP groups (TP+PP), and ranks that disagree about the workspace.
+TP groups (TP+PP), ranks that disagree about the workspace, and a rank that never joins a call.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -293,3 +294,52 @@ def _reduce_only_worker(rank, world, device):
 
 def test_reference_sum_equals_nccl_at_tp2():
     _run(_reduce_only_worker, 2)
+
+
+PEER_TIMEOUT_S = 2.0
+
+
+def _missing_peer_job(rank, port, out_dir):
+    """Rank 1 makes the workspace but never calls the kernel: rank 0's call must stop after
+    VLLM_FUSION_ALLREDUCE_TIMEOUT_S with the kernel's message, not hang. The trapped CUDA context
+    cannot shut down cleanly, so both ranks leave through os._exit."""
+    os.environ["VLLM_FUSION_ALLREDUCE_TIMEOUT_S"] = str(PEER_TIMEOUT_S)
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    device = _init(rank, 2, port)
+    ws = _workspace("world", dist.group.WORLD, device, dist.new_group(backend="gloo"))
+    done = os.path.join(out_dir, "outcome.txt")
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(0)
+    x = torch.randn(64, 4096, device=device).to(torch.bfloat16)
+    weight = torch.ones(4096, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    # The kernel's printf goes to this process's stdout: keep it in a file.
+    log = os.open(os.path.join(out_dir, "rank0.log"), os.O_WRONLY | os.O_CREAT)
+    os.dup2(log, 1)
+    start = time.monotonic()
+    try:
+        _fused(ws, x, None, weight, None, False)
+        torch.cuda.synchronize()
+        outcome = "returned"
+    except RuntimeError as e:
+        outcome = f"raised {type(e).__name__}: {e}"
+    elapsed = time.monotonic() - start
+    with open(done + ".tmp", "w") as f:
+        f.write(f"{elapsed:.3f}\n{outcome}\n")
+    os.replace(done + ".tmp", done)
+    os._exit(0)
+
+
+def test_missing_peer_stops_the_kernel_with_a_message(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    mp.spawn(_missing_peer_job, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    elapsed, outcome = (tmp_path / "outcome.txt").read_text().split("\n", 1)
+    assert outcome.startswith("raised"), f"the call did not fail: {outcome}"
+    assert PEER_TIMEOUT_S <= float(elapsed) < PEER_TIMEOUT_S + 60, elapsed
+    message = (tmp_path / "rank0.log").read_text()
+    expected = "waited longer than VLLM_FUSION_ALLREDUCE_TIMEOUT_S for rank 1 to join call 1"
+    assert expected in message, message
