@@ -30,8 +30,11 @@ VLLM_FUSIONS_COMPILATION_CONFIG = {
 # Set for every run: a cached graph would run no pass at all. Inductor's own caches stay on:
 # without them an 8B model compiles for 160 s instead of about 10 (H100, 2026-11-27), and an
 # identical graph then gets identical kernels. Unbuffered output keeps the log of a failed
-# run in order (stdout and stderr go to one file).
-COMMON_ENV = {"VLLM_DISABLE_COMPILE_CACHE": "1", "PYTHONUNBUFFERED": "1"}
+# run in order (stdout and stderr go to one file). The fault handler prints every thread's Python
+# stack when a process dies of a signal: a run that hangs is stopped with SIGABRT first, so its
+# log shows where each process (API, engine core, every worker) was waiting.
+COMMON_ENV = {"VLLM_DISABLE_COMPILE_CACHE": "1", "PYTHONUNBUFFERED": "1",
+              "PYTHONFAULTHANDLER": "1"}
 
 _PLAIN_VLLM = {"VLLM_PLUGINS": ""}  # set but empty: vLLM loads no plugin
 _WITH_PLUGIN = {"VLLM_PLUGINS": None}  # unset: vLLM loads every installed plugin

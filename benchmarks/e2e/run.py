@@ -240,18 +240,48 @@ def tail(path: Path, lines: int) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
-def _stop(proc: subprocess.Popen) -> None:
+# A run past --timeout: SIGABRT first, so that every process of the group prints its Python
+# stacks (PYTHONFAULTHANDLER, plan.COMMON_ENV) into the log, then the usual stop.
+STACK_DUMP_GRACE_S = 20
+
+
+def _stop(proc: subprocess.Popen, dump_stacks: bool = False) -> None:
     """End the run's process group (vLLM starts engine-core and worker processes of its own)."""
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    steps = ((signal.SIGTERM, 30), (signal.SIGKILL, 10))
+    if dump_stacks:
+        steps = ((signal.SIGABRT, STACK_DUMP_GRACE_S),) + steps
+    for sig, grace in steps:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(grace)
+        if _wait_for_group(proc, grace):
             return
+
+
+def _wait_for_group(proc: subprocess.Popen, grace: float) -> bool:
+    """Whether every process of the run's group is gone within ``grace`` seconds (the leader
+    can exit before its workers)."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            proc.wait(0.2)  # reaps the leader
         except subprocess.TimeoutExpired:
-            continue
+            pass
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _no_core_dumps() -> None:
+    """In the run's processes: SIGABRT must not write cores of processes holding GPU memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def execute(run, out: Path, python: str, timeout: float | None, log_lines: int,
@@ -268,13 +298,15 @@ def execute(run, out: Path, python: str, timeout: float | None, log_lines: int,
         log.write(record["shell"] + "\n\n")
         log.flush()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                env=plan.build_env(run, os.environ), start_new_session=True)
+                                env=plan.build_env(run, os.environ), start_new_session=True,
+                                preexec_fn=_no_core_dumps)
         try:
             rc = proc.wait(timeout)
             error = None if rc == 0 else f"exit status {rc}"
         except subprocess.TimeoutExpired:
-            _stop(proc)
-            rc, error = proc.returncode, f"killed after the {timeout:.0f} s --timeout"
+            _stop(proc, dump_stacks=True)
+            rc, error = proc.returncode, (f"killed after the {timeout:.0f} s --timeout (the "
+                                          "Python stacks of its processes are in the log)")
         except KeyboardInterrupt:
             _stop(proc)
             record.update(status="failed", returncode=proc.returncode, error="interrupted",

@@ -13,6 +13,7 @@ import re
 import shlex
 import stat
 import sys
+import time
 
 import pytest
 
@@ -504,6 +505,48 @@ def test_suite_records_a_failure_and_goes_on(tmp_path, monkeypatch, capsys):
     md = (out / "report.md").read_text()
     assert "plugin-O2 FAILED" in md and "illegal memory access" in md
     assert os.path.exists(out / "runs" / f"{make_run('plugin-O2').id}.log")
+
+
+HANGING_VLLM = """
+import multiprocessing, os, sys, time
+
+def worker_waits_for_the_device():
+    time.sleep(600)
+
+def engine_waits_for_its_worker():
+    child = multiprocessing.get_context("spawn").Process(target=worker_waits_for_the_device)
+    child.start()
+    print("worker started", flush=True)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    assert os.environ["PYTHONFAULTHANDLER"] == "1"
+    engine_waits_for_its_worker()
+"""
+
+
+def test_a_run_past_its_timeout_leaves_every_process_stack_in_the_log(tmp_path, monkeypatch):
+    """A stand-in vLLM that hangs in two processes: --timeout stops the whole group, and the log
+    shows where each process waited (SIGABRT + the fault handler), so a hang can be located."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n" + HANGING_VLLM)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(run_mod, "capture_environment", lambda python, head: dict(ENVIRONMENT))
+    monkeypatch.setattr(run_mod, "STACK_DUMP_GRACE_S", 10)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    rc = run_mod.main(["--models", "llama3-8b-fp8", "--batch-sizes", "1", "--configs",
+                       "plugin-O2", "--baseline", "plugin-O2", "--model-root",
+                       "/opt/devpack/models", "--python", str(fake), "--out", str(out),
+                       "--timeout", "8"])
+    assert rc == 1 and time.monotonic() - start < 60
+    record = report.loads((out / "results.json").read_text())["records"][0]
+    assert record["status"] == "failed"
+    assert "--timeout (the Python stacks of its processes are in the log)" in record["error"]
+    log = (out / record["log"]).read_text()
+    assert "worker started" in log
+    assert "in engine_waits_for_its_worker" in log, log
+    assert "in worker_waits_for_the_device" in log, log
 
 
 def test_resume_reuses_only_whole_comparisons_of_one_invocation():
