@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shlex
 import signal
 import subprocess
@@ -264,10 +265,7 @@ def _wait_for_group(proc: subprocess.Popen, grace: float) -> bool:
     can exit before its workers)."""
     deadline = time.monotonic() + grace
     while True:
-        try:
-            proc.wait(0.2)  # reaps the leader
-        except subprocess.TimeoutExpired:
-            pass
+        proc.poll()  # reaps the leader once it has exited
         try:
             os.killpg(proc.pid, 0)
         except ProcessLookupError:
@@ -278,9 +276,8 @@ def _wait_for_group(proc: subprocess.Popen, grace: float) -> bool:
 
 
 def _no_core_dumps() -> None:
-    """In the run's processes: SIGABRT must not write cores of processes holding GPU memory."""
-    import resource
-
+    """In the run's processes: SIGABRT must not write cores of processes holding GPU memory.
+    (Runs between fork and exec, so it imports nothing.)"""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
